@@ -1,0 +1,17 @@
+"""chipmunk_compile: a torch.compile backend that runs diffusion transformers with Chipmunk delta caches.
+
+    model = torch.compile(transformer, backend="chipmunk", options={"attn_sparsity": 0.9})
+    chipmunk_compile.explain(transformer, **inputs)   # which sites are rewritten, and why not
+    chipmunk_compile.reset(model)                     # start a new generation (after an aborted one)
+
+``backend="chipmunk"`` is registered through the ``torch_dynamo_backends`` entry point, so no import is
+needed for it; ``chipmunk_backend`` is exported for passing the callable directly.
+"""
+from chipmunk_compile.backend import ChipmunkFallbackWarning, chipmunk_backend
+from chipmunk_compile.explain import ExplainReport, explain
+from chipmunk_compile.options import OPTION_DOCS, ChipmunkOptions
+from chipmunk_compile.runtime import reset
+
+__all__ = ["chipmunk_backend", "explain", "reset", "ExplainReport", "ChipmunkOptions", "OPTION_DOCS",
+           "ChipmunkFallbackWarning"]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""Per-compiled-graph runtime state: which step and invocation the next call is, and what each site has cached.
+
+The caches themselves are tensors registered as buffers on the rewritten GraphModule (so they are ordinary
+graph state for AOTAutograd, Inductor and CUDA graphs). What lives here is host-side bookkeeping that decides,
+per call, what each ``torch.ops.chipmunk.*`` op does:
+
+    call k of a graph  ->  step = k // invocations_per_step, invocation = k % invocations_per_step
+    each site, each invocation: has_lse / has_indices / has_cache flags (validity of its buffers)
+
+After ``num_steps * invocations_per_step`` calls, or on ``reset``, every flag is cleared, so the next call
+starts a new generation from dense steps. Flags are never shared between graphs: a new resolution, batch size
+or recompilation gets a new ``GraphRuntime``. Ops find their runtime by an integer id baked into the graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import weakref
+
+import torch
+
+from chipmunk_compile.options import ChipmunkOptions
+
+
+@dataclasses.dataclass
+class SiteFlags:
+    has_lse: bool = False
+    has_indices: bool = False
+    has_cache: bool = False
+
+
+class GraphRuntime:
+    """Step counter and cache-validity flags of one compiled graph."""
+
+    def __init__(self, options: ChipmunkOptions, num_sites: int, weight_ptrs: frozenset[int]):
+        self.id = next(_ids)
+        self.options = options
+        self.weight_ptrs = weight_ptrs
+        self.calls = 0
+        self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
+        self.site_counters: dict[str, int] = {}
+        _RUNTIMES[self.id] = self
+
+    @property
+    def step(self) -> int:
+        return self.calls // self.options.invocations_per_step
+
+    @property
+    def invocation(self) -> int:
+        return self.calls % self.options.invocations_per_step
+
+    def site_flags(self, site_index: int) -> SiteFlags:
+        return self.flags[self.invocation][site_index]
+
+    def advance(self) -> None:
+        self.calls += 1
+        if self.calls >= self.options.num_steps * self.options.invocations_per_step:
+            self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        for per_invocation in self.flags:
+            for flags in per_invocation:
+                flags.has_lse = flags.has_indices = flags.has_cache = False
+
+    def count(self, what: str) -> None:
+        """Counts executed plans (e.g. 'attention:sparse'); tests and explain() read them."""
+        self.site_counters[what] = self.site_counters.get(what, 0) + 1
+
+    def generator(self, site_index: int, sample: int, device: torch.device) -> torch.Generator:
+        """A generator seeded by (seed, site, step, invocation, sample): the random choice of one sample never
+        depends on the rest of the batch."""
+        gen = torch.Generator(device=device)
+        key = (self.options.seed, site_index, self.step, self.invocation, sample)
+        gen.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
+        return gen
+
+
+_ids = itertools.count(1)
+_RUNTIMES: "weakref.WeakValueDictionary[int, GraphRuntime]" = weakref.WeakValueDictionary()
+_lock = threading.Lock()
+
+
+def lookup(runtime_id: int) -> GraphRuntime:
+    try:
+        return _RUNTIMES[runtime_id]
+    except KeyError:
+        raise RuntimeError(f"chipmunk: no runtime state with id {runtime_id}; the compiled graph that owned it "
+                           "was released. This is a bug if the model is still in use.") from None
+
+
+def live_runtimes() -> list[GraphRuntime]:
+    return list(_RUNTIMES.values())
+
+
+def _module_weight_ptrs(model) -> set[int]:
+    module = getattr(model, "_orig_mod", model)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"chipmunk.reset: expected an nn.Module (or torch.compile'd module), got {type(model)}")
+    return {p.data_ptr() for p in module.parameters()} | {b.data_ptr() for b in module.buffers()}
+
+
+def reset(model=None) -> int:
+    """Start a new generation: clear the cache state of every graph compiled from ``model`` (all models when
+    None). Returns how many compiled graphs were reset."""
+    with _lock:
+        runtimes = live_runtimes()
+        if model is not None:
+            ptrs = _module_weight_ptrs(model)
+            runtimes = [rt for rt in runtimes if rt.weight_ptrs & ptrs]
+        for rt in runtimes:
+            rt.reset()
+        return len(runtimes)

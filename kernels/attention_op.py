@@ -1,0 +1,106 @@
+"""``torch.ops.chipmunk.attention``: the stateful delta-cache attention op that replaces an SDPA site.
+
+Before (Dynamo graph)                       After
+    o = sdpa(q, k, v, scale=s)                  o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices,
+                                                                       s, static_start, static_end, rt, site)
+
+The caches are GraphModule buffers with a leading invocation axis ([I, B, H, ...]); the op mutates only the
+slice of the current invocation. What it does at a call depends on the host-side runtime (step, flags):
+
+    plan          when                                  computes
+    dense         mode="dense"                          plain SDPA
+    dense_lse     first dense step (no LSE yet)         O, LSE                         -> lse_cache
+    dense_select  later dense steps                     O, LSE, column mass(LSE_prev)  -> indices, lse_cache,
+                                                        O_cache = O - P^S              -> o_cache
+    dense_cache   dense step, attn_recompute_mask=False O, LSE, O_cache = O - P^S (old indices)
+    sparse        sparse steps                          O_cache + P^S (P^S over the selected columns only)
+
+A scheduled sparse step whose caches are not filled yet runs the matching dense plan instead, so a schedule
+can never read an empty cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from chipmunk_compile import runtime
+from chipmunk_compile.kernels.dispatch import implementation
+from chipmunk_compile.kernels.selection_reference import select_topk_with_random
+
+
+def attention_selection_counts(num_keys: int, num_static: int, options) -> tuple[int, int, int]:
+    """(num_top, num_random, total) key columns kept per query group; total is a multiple of attn_kv_tile
+    (unless it is all keys) and all three are fixed at compile time so the index buffer has a static shape."""
+    num_random = math.ceil(options.attn_random_fraction * num_keys)
+    num_keep = math.ceil((1.0 - options.attn_sparsity) * num_keys - 1e-9)
+    tile = options.attn_kv_tile
+    total = min(num_keys, -(-(num_static + num_keep + num_random) // tile) * tile)
+    num_random = min(num_random, total - num_static)
+    return total - num_static - num_random, num_random, total
+
+
+def choose_plan(rt, flags) -> str:
+    if rt.options.mode == "dense":
+        return "dense"
+    if rt.options.attention_dense_at(rt.step) or not flags.has_cache:
+        if not flags.has_lse:
+            return "dense_lse"
+        if rt.options.attn_recompute_mask or not flags.has_indices:
+            return "dense_select"
+        return "dense_cache"
+    return "sparse"
+
+
+def _expand_kv_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return t if t.shape[1] == num_heads else t.repeat_interleave(num_heads // t.shape[1], dim=1)
+
+
+# cudagraph_unsafe: the plan is chosen on the host at every call, so CUDA graphs must not capture it;
+# Inductor partitions the graph around the op and graphs the rest.
+@torch.library.custom_op("chipmunk::attention", mutates_args=("o_cache", "lse_cache", "indices"),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.Tensor, lse_cache: torch.Tensor,
+              indices: torch.Tensor, scale: float, static_start: int, static_end: int, runtime_id: int,
+              site_index: int) -> torch.Tensor:
+    rt = runtime.lookup(runtime_id)
+    flags = rt.site_flags(site_index)
+    plan = choose_plan(rt, flags)
+    rt.count(f"attention:{plan}")
+    if plan == "dense":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1]).contiguous()
+
+    opts, inv = rt.options, rt.invocation
+    group = opts.attn_query_group
+    k, v = _expand_kv_heads(k, q.shape[1]), _expand_kv_heads(v, q.shape[1])
+    dense_fn = implementation("dense_attention_lse_colmass", opts.kernels, q.device)
+    delta_fn = implementation("sparse_attention_delta", opts.kernels, q.device)
+
+    if plan == "sparse":
+        return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0)
+
+    lse_prev = lse_cache[inv] if plan == "dense_select" else None
+    o, lse, colmass = dense_fn(q, k, v, scale, lse_prev, group)
+    if plan == "dense_select":
+        num_keys = k.shape[2]
+        forced = None
+        if static_end > static_start:
+            forced = torch.zeros(num_keys, dtype=torch.bool, device=q.device)
+            forced[static_start:static_end] = True
+        num_top, num_random, _ = attention_selection_counts(num_keys, static_end - static_start, opts)
+        generators = [rt.generator(site_index, b, q.device) for b in range(q.shape[0])]
+        indices[inv].copy_(select_topk_with_random(colmass, num_top, num_random, forced, generators))
+        flags.has_indices = True
+    lse_cache[inv].copy_(lse)
+    flags.has_lse = True
+    if plan in ("dense_select", "dense_cache"):
+        o_cache[inv].copy_(delta_fn(q, k, v, scale, indices[inv], group, o, -1.0))
+        flags.has_cache = True
+    return o
+
+
+@attention.register_fake
+def _(q, k, v, o_cache, lse_cache, indices, scale, static_start, static_end, runtime_id, site_index):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

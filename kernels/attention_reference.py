@@ -1,0 +1,77 @@
+"""Torch reference for the attention delta-cache math (the CPU path and the oracle for the Triton kernels).
+
+All functions take attention-layout tensors ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]``
+(K/V heads already expanded to the query heads) and compute in float32 (float64 in, float64 out), returning
+results in the input dtype where a result is an activation.
+
+Query groups: queries ``[g*G, (g+1)*G)`` form group ``g``; the last group may be shorter (ragged N).
+
+- ``dense_attention_with_lse``: exact softmax attention and the per-query log-sum-exp.
+- ``column_mass``: cs[b, h, g, j] = sum over queries i of group g of exp(s_ij - lse_prev_i), where s = q k^T * scale.
+- ``sparse_attention_delta``: base + sign * P^S, where P^S is softmax attention over the selected key columns
+  only (renormalised within the selection) and ``indices [B, H, G, K]`` lists the columns of each group.
+"""
+from __future__ import annotations
+
+import torch
+
+# Queries processed per chunk in the reference, to keep the [chunk, Nk] score matrix small on the CPU.
+_QUERY_CHUNK = 1024
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def dense_attention_with_lse(q, k, v, scale: float):
+    """Exact attention; returns (o in q.dtype, lse float32 [B, H, Nq])."""
+    cd = _compute_dtype(q)
+    kc, vc = k.to(cd), v.to(cd)
+    outs, lses = [], []
+    for start in range(0, q.shape[2], _QUERY_CHUNK):
+        s = torch.matmul(q[:, :, start:start + _QUERY_CHUNK].to(cd), kc.transpose(-2, -1)) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), vc))
+        lses.append(lse)
+    o = torch.cat(outs, dim=2).to(q.dtype)
+    return o, torch.cat(lses, dim=2).to(torch.float64 if cd == torch.float64 else torch.float32)
+
+
+def column_mass(q, k, scale: float, lse_prev: torch.Tensor, group_size: int):
+    """Per-query-group column mass under the previous dense step's LSE: float32 [B, H, ceil(Nq/G), Nk]."""
+    cd = _compute_dtype(q)
+    B, H, Nq, _ = q.shape
+    num_groups = -(-Nq // group_size)
+    kc = k.to(cd)
+    cs = torch.zeros(B, H, num_groups, k.shape[2], dtype=cd, device=q.device)
+    for g in range(num_groups):
+        rows = slice(g * group_size, min(Nq, (g + 1) * group_size))
+        s = torch.matmul(q[:, :, rows].to(cd), kc.transpose(-2, -1)) * scale
+        cs[:, :, g] = torch.exp(s - lse_prev[:, :, rows].to(cd).unsqueeze(-1)).sum(dim=2)
+    return cs if cd == torch.float64 else cs.float()
+
+
+def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int):
+    """The fused dense step: (o, lse, column mass or None when ``lse_prev`` is None)."""
+    o, lse = dense_attention_with_lse(q, k, v, scale)
+    cs = None if lse_prev is None else column_mass(q, k, scale, lse_prev, group_size)
+    return o, lse, cs
+
+
+def sparse_attention_delta(q, k, v, scale: float, indices: torch.Tensor, group_size: int,
+                           base: torch.Tensor, sign: float):
+    """``base + sign * P^S`` with P^S renormalised over each group's selected columns; result in base.dtype."""
+    cd = _compute_dtype(q)
+    B, H, Nq, _ = q.shape
+    num_groups = indices.shape[2]
+    assert num_groups == -(-Nq // group_size), (num_groups, Nq, group_size)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    for g in range(num_groups):
+        rows = slice(g * group_size, min(Nq, (g + 1) * group_size))
+        idx = indices[:, :, g].long()                                       # [B, H, K]
+        k_sel = torch.gather(k, 2, idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])).to(cd)
+        v_sel = torch.gather(v, 2, idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1])).to(cd)
+        s = torch.matmul(q[:, :, rows].to(cd), k_sel.transpose(-2, -1)) * scale
+        p_s = torch.matmul(torch.softmax(s, dim=-1), v_sel)
+        out[:, :, rows] = (base[:, :, rows].to(cd) + sign * p_s).to(base.dtype)
+    return out

@@ -1,0 +1,109 @@
+"""``torch.ops.chipmunk.mlp``: the stateful delta-cache MLP op that replaces a Linear-act-Linear site.
+
+Before (Dynamo graph)                          After
+    h = linear(x, W1, b1)                          y = chipmunk.mlp(x, Wg, bg, Wu, bu, W2, b2,
+    a = act(h)          [* linear(x, Wu, bu)]                       y_cache, a_cache, hbar_cache, indices,
+    y = linear(a, W2, b2)                                           act, rt, site)
+
+Caches are GraphModule buffers with a leading invocation axis: y_cache [I, B, N, Dout] float32 (b2 included),
+a_cache [I, B, N, F] (the hidden activations, i.e. what multiplies W2), hbar_cache [I, B, nb, P*F] float32
+(block means of the pre-activations), indices [I, B, nb, K] (selected hidden units per token block).
+
+    plan            when                                      computes
+    dense           mode="dense"                              the plain MLP
+    dense_fill      dense steps (and until caches exist)      the plain MLP; fills y, a and hbar caches
+    sparse_refresh  sparse step that re-selects units         scores |hbar_new - hbar_cache| -> indices,
+                                                              hbar_cache[S] = hbar_new[S], then as sparse
+    sparse          other sparse steps                        y_cache += (act_new[S] - a_cache[S]) W2[:, S]^T,
+                                                              a_cache[S] = act_new[S]; returns y_cache
+x may have any number of leading axes: they are flattened into the batch axis of the caches.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from chipmunk_compile import runtime
+from chipmunk_compile.kernels.dispatch import implementation
+from chipmunk_compile.kernels.mlp_reference import (block_mean_preactivation, hidden_units, unit_scores)
+from chipmunk_compile.kernels.selection_reference import select_topk_with_random
+
+import torch.nn.functional as F
+
+
+def mlp_selection_counts(num_units: int, options) -> tuple[int, int, int]:
+    """(num_top, num_random, total) hidden units kept per token block; total is a multiple of mlp_unit_tile
+    unless it is all units."""
+    num_random = math.ceil(options.mlp_random_fraction * num_units)
+    num_keep = math.ceil((1.0 - options.mlp_sparsity) * num_units - 1e-9)
+    tile = options.mlp_unit_tile
+    total = min(num_units, -(-(num_keep + num_random) // tile) * tile)
+    num_random = min(num_random, total)
+    return total - num_random, num_random, total
+
+
+def choose_plan(rt, flags) -> str:
+    opts = rt.options
+    if opts.mode == "dense":
+        return "dense"
+    if opts.mlp_dense_at(rt.step) or not flags.has_cache:
+        return "dense_fill"
+    if opts.mlp_refresh_at(rt.step) or not flags.has_indices:
+        return "sparse_refresh"
+    return "sparse"
+
+
+def as_token_batches(x: torch.Tensor) -> torch.Tensor:
+    """[*, N, C] -> [B, N, C] (2-D input is one sequence)."""
+    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+# cudagraph_unsafe: host-side plan per call (see attention_op.py).
+@torch.library.custom_op("chipmunk::mlp", mutates_args=("y_cache", "a_cache", "hbar_cache", "indices"),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up: torch.Tensor | None,
+        b_up: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, y_cache: torch.Tensor,
+        a_cache: torch.Tensor, hbar_cache: torch.Tensor, indices: torch.Tensor, activation: str,
+        runtime_id: int, site_index: int) -> torch.Tensor:
+    rt = runtime.lookup(runtime_id)
+    flags = rt.site_flags(site_index)
+    plan = choose_plan(rt, flags)
+    rt.count(f"mlp:{plan}")
+    out_shape = (*x.shape[:-1], w2.shape[0])
+    if plan in ("dense", "dense_fill"):
+        a = hidden_units(x, w_gate, b_gate, w_up, b_up, activation)
+        y = F.linear(a, w2, b2)
+        if plan == "dense_fill":
+            opts, inv = rt.options, rt.invocation
+            xb = as_token_batches(x)
+            y_cache[inv].copy_(y.reshape(y_cache.shape[1:]))
+            a_cache[inv].copy_(a.reshape(a_cache.shape[1:]))
+            hbar_cache[inv].copy_(block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block))
+            flags.has_cache = True
+        return y
+
+    opts, inv = rt.options, rt.invocation
+    xb = as_token_batches(x)
+    if plan == "sparse_refresh":
+        hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block)
+        scores = unit_scores(hbar_new, hbar_cache[inv], w_gate.shape[0])
+        num_top, num_random, _ = mlp_selection_counts(w_gate.shape[0], opts)
+        generators = [rt.generator(site_index, b, x.device) for b in range(xb.shape[0])]
+        selected = select_topk_with_random(scores, num_top, num_random, None, generators)
+        indices[inv].copy_(selected)
+        # Each selected unit's reference becomes its value now; unselected units keep their older reference.
+        paths = hbar_new.shape[-1] // w_gate.shape[0]
+        cols = torch.cat([selected + p * w_gate.shape[0] for p in range(paths)], dim=-1)
+        hbar_cache[inv].scatter_(-1, cols, hbar_new.gather(-1, cols))
+        flags.has_indices = True
+    update = implementation("sparse_mlp_update", opts.kernels, x.device)
+    update(xb, w_gate, b_gate, w_up, b_up, w2, activation, indices[inv], a_cache[inv], y_cache[inv],
+           opts.mlp_token_block)
+    return y_cache[inv].to(x.dtype, copy=True).reshape(out_shape)
+
+
+@mlp.register_fake
+def _(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation, runtime_id,
+      site_index):
+    return x.new_empty((*x.shape[:-1], w2.shape[0]))

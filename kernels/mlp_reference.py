@@ -1,0 +1,82 @@
+"""Torch reference for the MLP delta-cache math (the CPU path and the oracle for the Triton kernels).
+
+An MLP site computes  a = hidden(x) = act(x Wg^T + bg) [* (x Wu^T + bu) when gated],  y = a W2^T + b2.
+Tokens are the second-to-last axis of ``x [B, N, C]``; token blocks are ``[b*T, (b+1)*T)`` (last one ragged).
+
+- ``hidden_units``: the activation for all or for a subset of hidden units.
+- ``block_mean_preactivation``: W·mean_block(x) + b for the gate (and up) projections, float32 [B, nb, P*F]
+  (P = 2 when gated). Because the projection is affine this equals the block mean of the pre-activation.
+- ``sparse_mlp_update``: for each token block with selected units S (``indices [B, nb, K]``), the incremental
+  update  y_cache[block] += (a_new[:, S] - a_cache[block, S]) W2[:, S]^T  and  a_cache[block, S] = a_new[:, S].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": lambda h: F.gelu(h),
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _linear(x, w, b):
+    return F.linear(x, w, b)
+
+
+def hidden_units(x, w_gate, b_gate, w_up, b_up, activation: str):
+    """act(x Wg^T + bg) * (x Wu^T + bu) (or without the up factor), in the dtype of x, computed like eager."""
+    a = ACTIVATIONS[activation](_linear(x, w_gate, b_gate))
+    if w_up is not None:
+        a = a * _linear(x, w_up, b_up)
+    return a
+
+
+def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int):
+    """Block means of the pre-activations, float32 [B, nb, F] or [B, nb, 2F] (gate then up)."""
+    cd = _compute_dtype(x)
+    B, N, C = x.shape
+    nb = -(-N // token_block)
+    pad = nb * token_block - N
+    xs = x.to(cd)
+    sums = F.pad(xs, (0, 0, 0, pad)).reshape(B, nb, token_block, C).sum(dim=2)
+    counts = torch.full((nb,), float(token_block), dtype=cd, device=x.device)
+    counts[-1] = token_block - pad
+    means = sums / counts.view(1, nb, 1)
+    parts = [_linear(means, w_gate.to(cd), None if b_gate is None else b_gate.to(cd))]
+    if w_up is not None:
+        parts.append(_linear(means, w_up.to(cd), None if b_up is None else b_up.to(cd)))
+    out = torch.cat(parts, dim=-1)
+    return out if cd == torch.float64 else out.float()
+
+
+def unit_scores(hbar_new, hbar_cache, num_units: int):
+    """|change| of the block-mean pre-activation per hidden unit, summed over gate/up paths: [B, nb, F]."""
+    delta = (hbar_new - hbar_cache).abs()
+    return delta.reshape(*delta.shape[:-1], -1, num_units).sum(dim=-2)
+
+
+def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices,
+                      a_cache, y_cache, token_block: int):
+    """In place: y_cache += (a_new[S] - a_cache[S]) W2[:, S]^T and a_cache[S] = a_new[S], per token block."""
+    cd = _compute_dtype(x)
+    B, N, _ = x.shape
+    nb = indices.shape[1]
+    for blk in range(nb):
+        rows = slice(blk * token_block, min(N, (blk + 1) * token_block))
+        for b in range(B):
+            sel = indices[b, blk].long()
+            xb = x[b, rows].to(cd)
+            a_new = hidden_units(
+                xb, w_gate[sel].to(cd), None if b_gate is None else b_gate[sel].to(cd),
+                None if w_up is None else w_up[sel].to(cd), None if b_up is None else b_up[sel].to(cd),
+                activation)
+            delta = a_new - a_cache[b, rows][:, sel].to(cd)
+            y_cache[b, rows] += (delta @ w2[:, sel].to(cd).t()).to(y_cache.dtype)
+            a_cache[b, rows, sel] = a_new.to(a_cache.dtype)

@@ -1,0 +1,1 @@
+"""Graph analyses and rewrites on the torch-level Dynamo graph (installed as chipmunk_compile.passes)."""

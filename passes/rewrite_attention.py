@@ -1,0 +1,59 @@
+"""Rewrites an attention site into ``torch.ops.chipmunk.attention`` with its cache buffers.
+
+Before                                         After
+    o = sdpa(q, k, v, scale=s)                     o_cache   = get_attr chipmunk_s3_o_cache     [I, B, H, N, Dv]
+      (or softmax(q @ k^T * s) @ v)                lse_cache = get_attr chipmunk_s3_lse          [I, B, H, N] f32
+                                                   indices   = get_attr chipmunk_s3_indices      [I, B, H, G, K]
+                                                   o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices,
+                                                                          s, static_lo, static_hi, rt, 3)
+
+3-D attention ([B, N, D]) is viewed as one head: q.unsqueeze(1) ... o.squeeze(1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from chipmunk_compile.kernels.attention_op import attention_selection_counts
+from chipmunk_compile.passes.graph_utils import fake
+from chipmunk_compile.passes.sites import Site
+from chipmunk_compile.passes.state_buffers import add_state_buffer
+from chipmunk_compile.passes.token_layout import static_key_segment
+
+
+def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int, options, dag,
+                      cache_device=None) -> None:
+    graph = gm.graph
+    q, k, v, out = (site.nodes[r] for r in ("q", "k", "v", "out"))
+    fq, fk, fv = fake(q), fake(k), fake(v)
+    three_d = fq.dim() == 3
+    B, H, N = (fq.shape[0], 1, fq.shape[1]) if three_d else tuple(fq.shape[:3])
+    num_keys, dv = fk.shape[-2], fv.shape[-1]
+
+    segment = static_key_segment(dag, k, num_keys) if options.attn_static_columns == "auto" else None
+    static_lo, static_hi = segment if segment else (0, 0)
+    num_top, num_random, total = attention_selection_counts(num_keys, static_hi - static_lo, options)
+    groups = -(-N // options.attn_query_group)
+    inv = options.invocations_per_step
+    dev = cache_device or fq.device
+    prefix = f"chipmunk_s{site_index}"
+    with torch.no_grad():
+        o_cache = add_state_buffer(gm, f"{prefix}_o_cache", torch.zeros(inv, B, H, N, dv, dtype=fq.dtype,
+                                                                        device=dev), out)
+        lse_cache = add_state_buffer(gm, f"{prefix}_lse_cache",
+                                     torch.zeros(inv, B, H, N, dtype=torch.float32, device=dev), out)
+        indices = add_state_buffer(gm, f"{prefix}_indices",
+                                   torch.zeros(inv, B, H, groups, total, dtype=torch.int32, device=dev), out)
+    with graph.inserting_before(out):
+        if three_d:
+            q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
+        new = graph.call_function(torch.ops.chipmunk.attention.default,
+                                  (q, k, v, o_cache, lse_cache, indices, float(site.details["scale"]),
+                                   static_lo, static_hi, runtime_id, site_index))
+        result = graph.call_method("squeeze", (new, 1)) if three_d else new
+    new.meta.update(out.meta)
+    out.replace_all_uses_with(result)
+    graph.erase_node(out)
+    site.details.update({"keys": num_keys, "kept_keys": total, "top": num_top, "random": num_random,
+                         "static_columns": [static_lo, static_hi] if segment else None,
+                         "query_groups": groups})
