@@ -117,6 +117,15 @@ def _regional_error(site_count: int) -> RuntimeError:
         "Compile the whole transformer instead: torch.compile(transformer, backend='chipmunk').")
 
 
+def _keep_shapes_static() -> None:
+    """Caches have the shapes of one resolution and batch, so a new shape must be a new graph. Dynamo's
+    automatic dynamic shapes would instead recompile the second shape as a symbolic graph, whose sites stay
+    dense; turn that off for the process (as torch.compile(dynamic=False) does for one model)."""
+    if torch._dynamo.config.automatic_dynamic_shapes:
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        log.info("chipmunk: set torch._dynamo.config.automatic_dynamic_shapes=False (caches are per shape)")
+
+
 def _warn(message: str) -> None:
     log.warning(message)
     warnings.warn(message, ChipmunkFallbackWarning, stacklevel=3)
@@ -129,6 +138,7 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         raise TypeError(f"chipmunk backend: unexpected arguments {sorted(unknown)}")
     options = ChipmunkOptions.from_dict(kwargs.get("options"))
     torch_mode = kwargs.get("mode")
+    _keep_shapes_static()
     try:
         rewritten = copy_graph_module(gm)
         sites = detect_sites(rewritten, options)
@@ -170,6 +180,7 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     def run_with_state(*args):
         if check_position is not None and args[check_position].data_ptr() != check_ptr:
             raise _regional_error(count)
+        runtime.activate(rt)
         out = compiled(*args)
         rt.advance()
         return out

@@ -82,6 +82,19 @@ _RUNTIMES: "weakref.WeakValueDictionary[int, GraphRuntime]" = weakref.WeakValueD
 _lock = threading.Lock()
 
 
+# Per model (its weight set), the runtime that ran last. A call to another graph of the same model (another
+# resolution or batch size) means a new generation there: it restarts from dense steps instead of continuing
+# whatever it held from before.
+_active: dict[frozenset, int] = {}
+
+
+def activate(rt: GraphRuntime) -> None:
+    if _active.get(rt.weight_ptrs) != rt.id:
+        if rt.calls:
+            rt.reset()
+        _active[rt.weight_ptrs] = rt.id
+
+
 def lookup(runtime_id: int) -> GraphRuntime:
     try:
         return _RUNTIMES[runtime_id]

@@ -65,7 +65,7 @@ def _sdpa_site(node: fx.Node) -> Site:
     if not reason and scale is None:
         scale = 1.0 / math.sqrt(fake(q).shape[-1])
     module = innermost_module(node)
-    return Site(kind="attention", module=module, block=block_of(module), variant="sdpa",
+    return Site(kind="attention", module=module, block=block_of(node), variant="sdpa",
                 nodes={"q": q, "k": k, "v": v, "out": node}, reason=reason,
                 details={"scale": scale} if scale is not None else {})
 
@@ -118,7 +118,7 @@ def _manual_site(softmax: fx.Node) -> Site | None:
     module = innermost_module(softmax)
     reason = "" if single_user(softmax) else "softmax probabilities used elsewhere"
     reason = reason or _tensor_reason(q, k, out.args[1])
-    return Site(kind="attention", module=module, block=block_of(module), variant="manual",
+    return Site(kind="attention", module=module, block=block_of(softmax), variant="manual",
                 nodes={"q": q, "k": k, "v": out.args[1], "out": out}, reason=reason,
                 details={"scale": scale})
 

@@ -157,13 +157,13 @@ def _mlp_site(out: fx.Node) -> Site | None:
             return None
         hidden["internal"] += [feed]
     module = innermost_module(out)
-    site = Site(kind="mlp", module=module, block=block_of(module),
+    site = Site(kind="mlp", module=module, block=block_of(out),
                 variant="fused_out" if fused else hidden["variant"],
                 nodes={"x": hidden["x"], "out": out, "w_out": w_out, "b_out": b_out, "hidden": hidden,
                        "fused": fused},
                 details={"activation": hidden["activation"]})
-    if site.block is None:
-        return None  # embedders and heads outside the repeated blocks are not MLP sites
+    if site.block is None or block_of(hidden["gate"]["linear"]) != site.block:
+        return None  # embedders, heads, and chains that cross a block boundary are not MLP sites
     internal_ok = _intermediates_private(hidden, fused["cat"] if fused else out)
     internal_ok = internal_ok and (fused is None or single_user(fused["cat"]))
     site.reason = "" if internal_ok else "intermediate activations are used elsewhere"

@@ -41,12 +41,18 @@ def innermost_module(node: fx.Node) -> str:
     return stack[-1][0] if stack else ""
 
 
-def block_of(path: str) -> str | None:
-    """The repeated-block prefix of a module path: everything up to the first purely numeric component."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
+def _is_torch_builtin(cls) -> bool:
+    module = getattr(cls, "__module__", "") or ""
+    return module.startswith("torch.nn.modules")
+
+
+def block_of(node: fx.Node) -> str | None:
+    """The repeated block a node runs in: the outermost module on its stack that is an element of a container
+    (its path ends in an index) and is not a torch.nn building block (``t_embed.2`` of an nn.Sequential of
+    Linear/GELU/Linear is a layer, not a transformer block)."""
+    for path, cls in module_stack(node):
+        if path.split(".")[-1].isdigit() and not _is_torch_builtin(cls):
+            return path
     return None
 
 
@@ -83,12 +89,9 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
     """Numbers the repeated blocks of the graph in execution order and sets each site's layer."""
     order: dict[str, int] = {}
     for node in graph.nodes:
-        for path, _ in module_stack(node):
-            block = block_of(path)
-            if block is not None and block not in order:
-                order[block] = len(order)
-            if block is not None:
-                break
+        block = block_of(node)
+        if block is not None and block not in order:
+            order[block] = len(order)
     for site in sites:
         site.layer = order.get(site.block) if site.block is not None else None
     return list(order)

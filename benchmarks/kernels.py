@@ -1,0 +1,267 @@
+"""GPU benchmark of the Triton kernels against dense baselines measured in the same run (CUDA only).
+
+First checks every kernel in bf16 against the torch reference (fp32 compute) at moderate shapes and asserts a
+relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, random data):
+
+- attention_hunyuan: column-sparse delta kernel, B1 H24 N118800 d128, 93/85/70% sparsity, vs SDPA; ideal =
+  SDPA of all queries over only the K kept keys (k/v sliced);
+- attention_flux: N4608 and N16896, 83.5% sparsity, same comparison;
+- dense_step: dense kernel with LSE + column mass (and without) vs SDPA (the dense-step overhead);
+- mlp: full sparse step (block-mean scoring GEMM + torch.topk + mm1 + mm2 with fused write-back) vs the dense
+  torch MLP; ideal = dense time x kept fraction;
+- attention_selection: torch.topk over the column mass of a dense step, and the share of the sparse step
+  spent on the output-cache read/write (bytes / measured copy bandwidth).
+
+Prints a table and writes kernels_<gpu>.json (and a speedup-vs-sparsity PNG) to $OUT or benchmarks/results.
+Usage: python benchmarks/kernels.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+
+def _import(name):
+    try:
+        return importlib.import_module(f"chipmunk_compile.kernels.{name}")
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return importlib.import_module(f"kernels.{name}")
+
+
+attn_ref = _import("attention_reference")
+mlp_ref = _import("mlp_reference")
+dense_tr = _import("attention_dense_triton")
+sparse_tr = _import("attention_sparse_triton")
+mlp_tr = _import("mlp_sparse_triton")
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+GROUP = 192
+TOKEN_BLOCK = 128
+RESULTS: list[dict] = []
+
+
+def ms(fn, quick):
+    fn()  # compile and autotune outside the timed region (do_bench sizes its repetitions from the first calls)
+    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+
+
+def rel_err(actual, expected):
+    a, e = actual.float(), expected.float()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def kept(n, sparsity, multiple=64):
+    return max(multiple, min(n, round((1 - sparsity) * n / multiple) * multiple))
+
+
+def random_indices(rows, n, k, chunk=2048):
+    """Uniformly random sorted column lists [rows, k] (int32), built in chunks to bound memory."""
+    out = torch.empty(rows, k, dtype=torch.int32, device=DEV)
+    for r in range(0, rows, chunk):
+        noise = torch.rand(min(chunk, rows - r), n, device=DEV)
+        out[r:r + chunk] = noise.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values.int()
+    return out
+
+
+def record(bench, shape, sparsity, dense_ms, chipmunk_ms, ideal_ms=None, **extra):
+    rec = dict(bench=bench, shape=shape, sparsity=sparsity, dense_ms=dense_ms, chipmunk_ms=chipmunk_ms,
+               speedup=dense_ms / chipmunk_ms, ideal_ms=ideal_ms,
+               fraction_of_ideal=None if ideal_ms is None else ideal_ms / chipmunk_ms, **extra)
+    RESULTS.append(rec)
+    ideal = "" if ideal_ms is None else f"{ideal_ms:9.3f} {rec['fraction_of_ideal']:6.2f}"
+    print(f"{bench:20s} {shape:28s} {sparsity:6.3f} {dense_ms:9.3f} {chipmunk_ms:9.3f} {rec['speedup']:7.2f}x {ideal}",
+          flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- correctness
+def check_correctness():
+    torch.manual_seed(0)
+    B, H, N, D = 2, 4, 3000, 128
+    q, k, v = (torch.randn(B, N, H, D, device=DEV, dtype=BF16).transpose(1, 2) for _ in range(3))
+    scale = D ** -0.5
+    lse_prev = torch.randn(B, H, N, device=DEV) * 0.2 + 9.0
+    o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, GROUP)
+    ro, rlse, rcs = attn_ref.dense_attention_lse_colmass(q.float(), k.float(), v.float(), scale, lse_prev, GROUP)
+    errs = {"dense o": rel_err(o, ro), "dense lse": rel_err(lse, rlse), "dense colmass": rel_err(cs, rcs)}
+
+    num_groups = -(-N // GROUP)
+    for n_sel in (kept(N, 0.93), 77):
+        idx = random_indices(B * H * num_groups, N, n_sel).view(B, H, num_groups, n_sel)
+        # A zero base isolates P^S from the bf16 rounding of a large cache value.
+        zero = torch.zeros(B, H, N, D, device=DEV, dtype=BF16)
+        out = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, -1.0)
+        ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, GROUP, zero.float(), -1.0)
+        errs[f"sparse K={n_sel}"] = rel_err(out, ref)
+        base = torch.randn(B, H, N, D, device=DEV, dtype=BF16)
+        ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, GROUP, base.float(), 1.0)
+        sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, base, 1.0, out=base)
+        errs[f"sparse in place K={n_sel}"] = rel_err(base, ref)
+
+    Bm, Nm, C, Fh, T = 2, 1000, 256, 1024, TOKEN_BLOCK
+    x = torch.randn(Bm, Nm, C, device=DEV, dtype=BF16)
+    w1, b1 = torch.randn(Fh, C, device=DEV, dtype=BF16) * C ** -0.5, torch.randn(Fh, device=DEV, dtype=BF16)
+    w2 = torch.randn(C, Fh, device=DEV, dtype=BF16) * Fh ** -0.5
+    nb = -(-Nm // T)
+    idx = random_indices(Bm * nb, Fh, kept(Fh, 0.7)).view(Bm, nb, -1)
+    a0 = torch.randn(Bm, Nm, Fh, device=DEV, dtype=BF16)
+    y0 = torch.randn(Bm, Nm, C, device=DEV)
+    a_ref, y_ref = a0.float(), y0.clone()
+    mlp_ref.sparse_mlp_update(x.float(), w1.float(), b1.float(), None, None, w2.float(), "gelu_tanh", idx,
+                              a_ref, y_ref, T)
+    a = a0.transpose(1, 2).contiguous().transpose(1, 2)
+    y = y0.clone()
+    mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2.t().contiguous().t(), "gelu_tanh", idx, a, y, T)
+    errs["mlp a_cache"] = rel_err(a, a_ref)
+    errs["mlp y delta"] = rel_err(y - y0, y_ref - y0)
+    for name, err in errs.items():
+        print(f"check {name:24s} rel err {err:.2e}")
+    bad = {n: e for n, e in errs.items() if not e < 2e-2}
+    assert not bad, f"kernels disagree with the reference: {bad}"
+    return errs
+
+
+# ------------------------------------------------------------------------------------------------- attention
+def bench_attention(bench, N, sparsities, quick, H=24, D=128):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+    scale = D ** -0.5
+    dense_ms = ms(lambda: F.scaled_dot_product_attention(q, k, v), quick)
+    num_groups = -(-N // GROUP)
+    base = torch.randn(1, H, N, D, device=DEV, dtype=BF16)
+    copy_ms = ms(lambda: base.clone(), quick)         # one read + one write of the output cache
+    points = []
+    for sp in sparsities:
+        n_sel = kept(N, sp)
+        idx = random_indices(H * num_groups, N, n_sel).view(1, H, num_groups, n_sel)
+        out = base.clone()
+        ours = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out), quick)
+        ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
+        ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), quick)
+        record(bench, f"B1 H{H} N{N} d{D}", sp, dense_ms, ours, ideal, keys=n_sel,
+               cache_traffic_share=copy_ms / ours, config=str(sparse_tr._sparse_attn_tuned.best_config))
+        points.append((sp, dense_ms / ours, dense_ms / ideal))
+        del idx, out, ks, vs
+    return points
+
+
+def bench_dense_step(N, quick, H=24, D=128):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+    scale = D ** -0.5
+    sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), quick)
+    _, lse, _ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)
+    plain = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP), quick)
+    fused = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP), quick)
+    shape = f"B1 H{H} N{N} d{D}"
+    record("dense_step_lse", shape, 0.0, sdpa, plain)
+    record("dense_step_colmass", shape, 0.0, sdpa, fused)
+    # Selection at a dense step: top 7% of each group's column mass (a torch.topk over [H*G, N]).
+    cs = torch.rand(H * -(-N // GROUP), N, device=DEV)
+    n_sel = kept(N, 0.93)
+    topk = ms(lambda: cs.topk(n_sel, dim=-1, sorted=False), quick)
+    record("attention_selection", shape, 0.93, fused, topk, share_of_dense_step=topk / fused)
+
+
+# ------------------------------------------------------------------------------------------------------- mlp
+def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
+    torch.manual_seed(3)
+    x = torch.randn(1, N, C, device=DEV, dtype=BF16)
+    w1, b1 = torch.randn(Fh, C, device=DEV, dtype=BF16) * C ** -0.5, torch.randn(Fh, device=DEV, dtype=BF16)
+    w2, b2 = torch.randn(C, Fh, device=DEV, dtype=BF16) * Fh ** -0.5, torch.randn(C, device=DEV, dtype=BF16)
+    dense_ms = ms(lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2), quick)
+    # Cache layouts the kernels gather from efficiently (one-time weight transform; unit-major activations).
+    w2_t = w2.t().contiguous().t()
+    a_cache = F.gelu(F.linear(x, w1, b1), approximate="tanh")[0].t().contiguous().unsqueeze(0).transpose(1, 2)
+    y_cache = torch.randn(1, N, C, device=DEV)
+    assert N % TOKEN_BLOCK == 0
+    nb = N // TOKEN_BLOCK
+    hbar_cache = torch.randn(1, nb, Fh, device=DEV)
+
+    def select(k):
+        # Block means of x in fp32, then the scoring GEMM on nb rows in bf16 (W1 stays bf16).
+        means = x.float().view(1, nb, TOKEN_BLOCK, C).mean(dim=2).to(BF16)
+        hbar = F.linear(means, w1, b1).float()
+        return (hbar - hbar_cache).abs().topk(k, dim=-1, sorted=False).indices
+
+    for sp in sparsities:
+        k = kept(Fh, sp, 256)
+        idx = select(k)
+
+        def step():
+            mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", select(k), a_cache, y_cache,
+                                     TOKEN_BLOCK)
+
+        total = ms(step, quick)
+        select_ms = ms(lambda: select(k), quick)
+        kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
+                                                         y_cache, TOKEN_BLOCK), quick)
+        record("mlp", f"N{N} {C}-{Fh}-{C} gelu_tanh", sp, dense_ms, total, dense_ms * k / Fh, units=k,
+               selection_ms=select_ms, kernels_ms=kernels_ms, selection_share=select_ms / total)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def plot(points, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    sp = [100 * p[0] for p in points]
+    plt.figure(figsize=(5, 3.5))
+    plt.plot(sp, [p[1] for p in points], "o-", label="chipmunk sparse kernel")
+    plt.plot(sp, [p[2] for p in points], "s--", label="ideal (SDPA over kept keys)")
+    plt.plot(sp, [1 / (1 - p[0]) for p in points], ":", label="FLOP bound")
+    plt.xlabel("sparsity (%)")
+    plt.ylabel("speedup vs dense SDPA")
+    plt.title("HunyuanVideo attention B1 H24 N118800 d128 bf16")
+    plt.legend()
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer points and shorter timing (< 2 minutes)")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    quick = args.quick
+    gpu = torch.cuda.get_device_name()
+    print(f"device {gpu}, torch {torch.__version__}, triton {triton.__version__}, quick={quick}")
+    errs = check_correctness()
+    print(f"{'bench':20s} {'shape':28s} {'spars':>6s} {'dense ms':>9s} {'ours ms':>9s} {'speedup':>8s} "
+          f"{'ideal ms':>9s} {'frac':>6s}")
+    points = bench_attention("attention_hunyuan", 118800, (0.93,) if quick else (0.93, 0.85, 0.70), quick)
+    for n in (4608, 16896):
+        bench_attention("attention_flux", n, (0.835,), quick)
+    for n in (4608, 16896) if quick else (4608, 16896, 118800):
+        bench_dense_step(n, quick)
+    for n in (4608, 16896):
+        bench_mlp(n, (0.7, 0.9), quick)
+
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
+    path = os.path.join(out_dir, f"kernels_{tag}.json")
+    with open(path, "w") as f:
+        json.dump(dict(device=gpu, torch=torch.__version__, triton=triton.__version__, quick=quick,
+                       correctness_rel_err=errs, results=RESULTS), f, indent=1, default=str)
+    print(f"wrote {path}")
+    plot(points, os.path.join(out_dir, f"kernels_{tag}_hunyuan_speedup.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Triton sparse MLP update: y_cache += (a_new[S] - a_cache[S]) W2[:, S]^T and a_cache[S] = a_new[S], per token block.
+
+Two kernels, each a GEMM whose reduction or output columns are gathered through the block's unit list
+``indices[b, blk, :]`` (S, K units):
+
+- mm1, one program per (row tile of a token block, tile of BLOCK_F selected units, batch): accumulates
+  x[rows] @ W_gate[S_tile]^T (and the up projection when gated) over C in BLOCK_C chunks, gathering whole
+  weight rows (contiguous in C). Epilogue: + bias[S_tile], activation, * up path, round to a_cache's dtype,
+  subtract the cached activation a_cache[rows, S_tile], write the difference into a packed delta
+  [B, nb, T, K], and overwrite a_cache[rows, S_tile] with the new value. The read-then-write of a_cache is
+  safe to fuse: each (row, unit) entry belongs to exactly one program (units are unique within a block).
+  Taking the delta against the rounded new value keeps y_cache - W2 a_cache from drifting over steps.
+- mm2, one program per (row tile, tile of BLOCK_D output features, batch): accumulates
+  delta[rows, :] @ W2[:, S]^T over the K selected units in BLOCK_K chunks, gathering rows of W2^T, and adds
+  the tile into y_cache (fp32) with one read-modify-write: each output element belongs to one program.
+
+Layout: every operand is taken through its strides. Gathers are coalesced when W2 is stored as W2^T (pass
+``w2t.t()`` for a contiguous w2t [F, Dout]) and a_cache is unit-major (pass ``a.transpose(1, 2)`` of a
+contiguous [B, F, N] buffer), as the reference kernels store them; the logical shapes stay as in
+``mlp_reference.sparse_mlp_update``, whose semantics this matches.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
+
+
+@triton.jit
+def _activation(h, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACT == 1:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates correctly at both ends.
+        return 0.5 * h * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    elif ACT == 2:
+        return h * tl.sigmoid(h)
+    else:
+        return tl.maximum(h, 0.0)
+
+
+@triton.jit
+def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
+                    stride_xb, stride_xn, stride_xc, stride_wgf, stride_wgc, stride_wuf, stride_wuc,
+                    stride_ab, stride_an, stride_af,
+                    N, C, nb, n_sel, token_block,
+                    HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
+                    PRECISION: tl.constexpr, EVEN_C: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    tiles_per_block = tl.cdiv(token_block, BLOCK_T)
+    blk = pid_t // tiles_per_block
+    local = (pid_t % tiles_per_block) * BLOCK_T + tl.arange(0, BLOCK_T)     # row within the token block
+    rows = blk * token_block + local
+    row_ok = (local < token_block) & (rows < N)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < n_sel
+    sel_base = (b * nb + blk) * n_sel
+    units = tl.load(IDX + sel_base + offs_f, mask=f_ok, other=0).to(tl.int64)
+
+    offs_c = tl.arange(0, BLOCK_C)
+    x_ptrs = X + b * stride_xb + rows[:, None] * stride_xn + offs_c[None, :] * stride_xc
+    wg_ptrs = WG + units[None, :] * stride_wgf + offs_c[:, None] * stride_wgc
+    wu_ptrs = WU + units[None, :] * stride_wuf + offs_c[:, None] * stride_wuc
+    acc_g = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
+    acc_u = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        if EVEN_C:
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            wg = tl.load(wg_ptrs)
+        else:
+            c_ok = (c0 + offs_c) < C
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=c_ok[:, None], other=0.0)
+        acc_g = tl.dot(x, wg, acc_g, input_precision=PRECISION)
+        if GATED:
+            if EVEN_C:
+                wu = tl.load(wu_ptrs)
+            else:
+                wu = tl.load(wu_ptrs, mask=c_ok[:, None], other=0.0)
+            acc_u = tl.dot(x, wu, acc_u, input_precision=PRECISION)
+        x_ptrs += BLOCK_C * stride_xc
+        wg_ptrs += BLOCK_C * stride_wgc
+        wu_ptrs += BLOCK_C * stride_wuc
+
+    h = acc_g
+    if HAS_BG:
+        h += tl.load(BG + units).to(tl.float32)[None, :]
+    a = _activation(h, ACT)
+    if GATED:
+        up = acc_u
+        if HAS_BU:
+            up += tl.load(BU + units).to(tl.float32)[None, :]
+        a = a * up
+    mask = row_ok[:, None] & f_ok[None, :]
+    a_ptrs = ACACHE + b * stride_ab + rows[:, None] * stride_an + units[None, :] * stride_af
+    a_new = a.to(ACACHE.dtype.element_ty)
+    a_old = tl.load(a_ptrs, mask=mask, other=0.0)
+    delta = a_new.to(tl.float32) - a_old.to(tl.float32)
+    d_ptrs = DELTA + (sel_base * token_block) + local[:, None] * n_sel + offs_f[None, :]
+    tl.store(d_ptrs, delta.to(DELTA.dtype.element_ty), mask=mask)
+    tl.store(a_ptrs, a_new, mask=mask)
+
+
+@triton.jit
+def _mlp_mm2_kernel(DELTA, IDX, W2, Y,
+                    stride_w2o, stride_w2f, stride_yb, stride_yn, stride_yo,
+                    N, Dout, nb, n_sel, token_block,
+                    PRECISION: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    tiles_per_block = tl.cdiv(token_block, BLOCK_T)
+    blk = pid_t // tiles_per_block
+    local = (pid_t % tiles_per_block) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = blk * token_block + local
+    row_ok = (local < token_block) & (rows < N)
+    offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_ok = offs_o < Dout
+    sel_base = (b * nb + blk) * n_sel
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for k0 in range(0, n_sel, BLOCK_K):
+        k_ok = (k0 + offs_k) < n_sel
+        # Masked tail units read W2 column 0 (valid memory) and meet zero deltas.
+        units = tl.load(IDX + sel_base + k0 + offs_k, mask=k_ok, other=0).to(tl.int64)
+        d = tl.load(DELTA + sel_base * token_block + local[:, None] * n_sel + (k0 + offs_k)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W2 + units[:, None] * stride_w2f + offs_o[None, :] * stride_w2o, mask=o_ok[None, :], other=0.0)
+        acc = tl.dot(d, w, acc, input_precision=PRECISION)
+
+    y_ptrs = Y + b * stride_yb + rows[:, None] * stride_yn + offs_o[None, :] * stride_yo
+    mask = row_ok[:, None] & o_ok[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, y + acc, mask=mask)
+
+
+_MM1_DEFAULT = {"BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 2}
+_MM2_DEFAULT = {"BLOCK_D": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+# 256-wide tiles spill at 8 warps on sm_90, so tiles stay at 128 x 128.
+_MM1_CONFIGS = [
+    triton.Config({"BLOCK_F": 128, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_F": 128, "BLOCK_C": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_F": 128, "BLOCK_C": 32}, num_warps=8, num_stages=5),
+    triton.Config({"BLOCK_F": 64, "BLOCK_C": 64}, num_warps=4, num_stages=4),
+]
+_MM2_CONFIGS = [
+    triton.Config({"BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=5),
+    triton.Config({"BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+_mm1 = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_C"] == 0})(_mlp_mm1_kernel)
+# mm1 mutates a_cache and mm2 accumulates into y_cache: every autotuning trial must see the original values.
+_mm1_tuned = triton.autotune(_MM1_CONFIGS, key=["N", "C", "n_sel", "GATED", "BLOCK_T"], restore_value=["ACACHE"])(_mm1)
+_mm2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "Dout", "n_sel", "BLOCK_T"], restore_value=["Y"])(_mlp_mm2_kernel)
+
+
+def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices, a_cache, y_cache,
+                      token_block: int, config: dict | None = None):
+    """In place: y_cache[block] += (a_new[S] - a_cache[block, S]) W2[:, S]^T; a_cache[block, S] = a_new[S].
+
+    ``config`` = {"mm1": {...}, "mm2": {...}} forces launch configurations (tests); by default the GPU
+    autotunes and the interpreter uses small fixed configurations.
+    """
+    B, N, C = x.shape
+    nb, n_sel = indices.shape[1], indices.shape[2]
+    Dout = w2.shape[0]
+    assert indices.shape[0] == B and nb == -(-N // token_block), (indices.shape, N, token_block)
+    assert a_cache.shape == (B, N, w_gate.shape[0]) and y_cache.shape == (B, N, Dout)
+    assert y_cache.dtype == torch.float32
+    indices = indices.contiguous()
+    delta = torch.empty((B, nb, token_block, n_sel), dtype=x.dtype, device=x.device)
+    gated = w_up is not None
+    block_t = min(128, max(16, triton.next_power_of_2(token_block)))
+    grid_t = nb * triton.cdiv(token_block, block_t)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    w_up_arg = w_up if gated else w_gate
+    mm1_args = (x, w_gate, w_gate if b_gate is None else b_gate, w_up_arg, w_up_arg if b_up is None else b_up,
+                indices, a_cache, delta, *x.stride(), *w_gate.stride(), *w_up_arg.stride(), *a_cache.stride(),
+                N, C, nb, n_sel, token_block)
+    mm1_meta = dict(HAS_BG=b_gate is not None, GATED=gated, HAS_BU=b_up is not None,
+                    ACT=_ACTIVATIONS[activation], PRECISION=precision, BLOCK_T=block_t)
+    mm2_args = (delta, indices, w2, y_cache, *w2.stride(), *y_cache.stride(), N, Dout, nb, n_sel, token_block)
+    mm2_meta = dict(PRECISION=precision, BLOCK_T=block_t)
+    if config is None and _INTERPRET:
+        config = {"mm1": _MM1_DEFAULT, "mm2": _MM2_DEFAULT}
+    if config is None:
+        _mm1_tuned[lambda m: (grid_t, triton.cdiv(n_sel, m["BLOCK_F"]), B)](*mm1_args, **mm1_meta)
+        _mm2_tuned[lambda m: (grid_t, triton.cdiv(Dout, m["BLOCK_D"]), B)](*mm2_args, **mm2_meta)
+    else:
+        c1, c2 = config["mm1"], config["mm2"]
+        _mm1[(grid_t, triton.cdiv(n_sel, c1["BLOCK_F"]), B)](*mm1_args, **mm1_meta, **c1)
+        _mlp_mm2_kernel[(grid_t, triton.cdiv(Dout, c2["BLOCK_D"]), B)](*mm2_args, **mm2_meta, **c2)

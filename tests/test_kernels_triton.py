@@ -1,0 +1,204 @@
+"""The Triton kernels under the CPU interpreter against the float64 torch references.
+
+Tiny ragged shapes (N not a multiple of any tile, several query groups or token blocks, batch 2, permuted
+non-contiguous inputs, GQA), fp32 and fp16 (bf16 arithmetic is wrong in the interpreter). Every buffer a
+kernel allocates with torch.empty is filled with NaN, and explicit outputs are NaN-filled, so an element the
+kernel fails to write shows up as a mismatch.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+# The interpreter itself trips a NumPy deprecation on every scalar index.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _import(name):
+    try:
+        return importlib.import_module(f"chipmunk_compile.kernels.{name}")
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return importlib.import_module(f"kernels.{name}")
+
+
+attn_ref = _import("attention_reference")
+mlp_ref = _import("mlp_reference")
+dense_tr = _import("attention_dense_triton")
+sparse_tr = _import("attention_sparse_triton")
+mlp_tr = _import("mlp_sparse_triton")
+
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3}
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty returns NaN-filled floating tensors for the duration of a test."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _qkv(B, H, Hk, N, D, DV, dtype, gen):
+    """Non-contiguous views like Dynamo hands over: q/k as permuted [B,N,H,D], v with D outermost."""
+    q = torch.randn(B, N, H, D, generator=gen).to(dtype).permute(0, 2, 1, 3)
+    k = torch.randn(B, N, Hk, D, generator=gen).to(dtype).permute(0, 2, 1, 3)
+    v = torch.randn(B, Hk, DV, N, generator=gen).to(dtype).transpose(2, 3)
+    return q, k, v
+
+
+def _expand(t, H):
+    return t.double().repeat_interleave(H // t.shape[1], dim=1)
+
+
+def _close(actual, expected, dtype, what):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(1.0, expected.double().abs().max().item())
+    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
+
+
+DENSE_CASES = [
+    # B, H, Hk, N, D, DV, G, dtype, config
+    (2, 2, 1, 37, 16, 16, 16, torch.float32, None),
+    (1, 2, 2, 200, 64, 64, 192, torch.float16, None),
+    (2, 2, 2, 385, 16, 32, 192, torch.float32, None),
+    (1, 2, 1, 150, 16, 16, 32, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}),
+    (1, 1, 1, 100, 24, 24, 48, torch.float32, {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}),
+]
+
+
+@pytest.mark.parametrize("B,H,Hk,N,D,DV,G,dtype,config", DENSE_CASES)
+def test_dense_attention_lse_colmass(nan_empty, B, H, Hk, N, D, DV, G, dtype, config):
+    gen = torch.Generator().manual_seed(N * 31 + D)
+    q, k, v = _qkv(B, H, Hk, N, D, DV, dtype, gen)
+    scale = D ** -0.5
+    lse_prev = torch.randn(B, H, N, generator=gen) * 0.3 + 2.5
+    o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, G, config=config)
+    ro, rlse, rcs = attn_ref.dense_attention_lse_colmass(q.double(), _expand(k, H), _expand(v, H), scale,
+                                                         lse_prev.double(), G)
+    assert o.dtype == dtype and o.is_contiguous() and lse.dtype == torch.float32 and cs.dtype == torch.float32
+    assert cs.shape == rcs.shape == (B, H, -(-N // G), N)
+    _close(o, ro, dtype, "o")
+    _close(lse, rlse, dtype, "lse")
+    _close(cs / rcs.abs().max(), rcs / rcs.abs().max(), dtype, "column mass")
+
+    o2, lse2, cs2 = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, G, config=config)
+    assert cs2 is None
+    _close(o2, ro, dtype, "o without colmass")
+    _close(lse2, rlse, dtype, "lse without colmass")
+
+
+def _indices(B, H, G, N, K, gen, dtype):
+    rows = [torch.randperm(N, generator=gen)[:K].sort().values for _ in range(B * H * G)]
+    return torch.stack(rows).view(B, H, G, K).to(dtype)
+
+
+SPARSE_CASES = [
+    # B, H, Hk, N, D, DV, G, K, dtype, index dtype, config
+    (2, 2, 1, 37, 16, 16, 16, 5, torch.float32, torch.int64, None),
+    (2, 2, 2, 200, 64, 64, 192, 70, torch.float16, torch.int32, None),
+    (1, 2, 2, 385, 16, 32, 192, 1, torch.float32, torch.int32, None),
+    (1, 2, 1, 150, 16, 16, 32, 40, torch.float32, torch.int64,
+     {"BLOCK_M": 16, "BLOCK_N": 16, "M_SUB": 3, "num_warps": 4, "num_stages": 1}),
+    (2, 1, 1, 385, 16, 16, 192, 100, torch.float16, torch.int32,
+     {"BLOCK_M": 64, "BLOCK_N": 32, "M_SUB": 3, "num_warps": 4, "num_stages": 1}),
+    (1, 1, 1, 200, 16, 16, 192, 77, torch.float32, torch.int32,
+     {"BLOCK_M": 128, "BLOCK_N": 32, "M_SUB": 1, "num_warps": 4, "num_stages": 1}),
+]
+
+
+@pytest.mark.parametrize("B,H,Hk,N,D,DV,G,K,dtype,idx_dtype,config", SPARSE_CASES)
+def test_sparse_attention_delta(nan_empty, B, H, Hk, N, D, DV, G, K, dtype, idx_dtype, config):
+    gen = torch.Generator().manual_seed(N * 17 + K)
+    q, k, v = _qkv(B, H, Hk, N, D, DV, dtype, gen)
+    scale = D ** -0.5
+    indices = _indices(B, H, -(-N // G), N, K, gen, idx_dtype)
+    base = torch.randn(B, N, H, DV, generator=gen).to(dtype).transpose(1, 2)
+    kr, vr = _expand(k, H), _expand(v, H)
+    for sign in (1.0, -1.0):
+        expected = attn_ref.sparse_attention_delta(q.double(), kr, vr, scale, indices, G, base.double(), sign)
+        out = torch.full(base.shape, float("nan"), dtype=dtype)
+        sparse_tr.sparse_attention_delta(q, k, v, scale, indices, G, base, sign, out=out, config=config)
+        _close(out, expected, dtype, f"out (sign {sign})")
+        fresh = sparse_tr.sparse_attention_delta(q, k, v, scale, indices, G, base, sign, config=config)
+        _close(fresh, expected, dtype, f"fresh out (sign {sign})")
+    in_place = base.clone()
+    sparse_tr.sparse_attention_delta(q, k, v, scale, indices, G, in_place, -1.0, out=in_place, config=config)
+    _close(in_place, attn_ref.sparse_attention_delta(q.double(), kr, vr, scale, indices, G, base.double(), -1.0),
+           dtype, "in place")
+
+
+def test_sparse_all_columns_is_dense():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(1, 2, 2, 100, 16, 16, torch.float32, gen)
+    indices = torch.arange(100).expand(1, 2, 1, 100)
+    zero = torch.zeros(1, 2, 100, 16)
+    out = sparse_tr.sparse_attention_delta(q, k, v, 0.25, indices, 192, zero, 1.0)
+    o, _, _ = dense_tr.dense_attention_lse_colmass(q, k, v, 0.25, None, 192)
+    _close(out, o, torch.float32, "all columns")
+
+
+MLP_CASES = [
+    # B, N, C, F, Dout, T, K, activation, gated, dtype, unit-major a_cache and W2^T, config
+    (2, 37, 24, 40, 20, 16, 9, "gelu_tanh", False, torch.float32, False, None),
+    (1, 70, 32, 64, 48, 32, 33, "silu", True, torch.float16, True, None),
+    (2, 50, 16, 32, 16, 48, 7, "gelu", False, torch.float32, True, None),
+    (1, 20, 16, 32, 16, 16, 32, "relu", True, torch.float32, False, None),
+    (2, 45, 48, 64, 40, 16, 20, "gelu_tanh", False, torch.float16, False,
+     {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+      "mm2": {"BLOCK_D": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}}),
+]
+
+
+@pytest.mark.parametrize("B,N,C,F,Dout,T,K,act,gated,dtype,unit_major,config", MLP_CASES)
+def test_sparse_mlp_update(nan_empty, B, N, C, F, Dout, T, K, act, gated, dtype, unit_major, config):
+    gen = torch.Generator().manual_seed(N * 7 + K)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(dtype)
+
+    x = rnd(B, C, N).transpose(1, 2)
+    w_gate, b_gate = rnd(F, C, s=C ** -0.5), rnd(F)
+    w_up, b_up = (rnd(F, C, s=C ** -0.5), rnd(F)) if gated else (None, None)
+    w2 = rnd(Dout, F, s=F ** -0.5)
+    nb = -(-N // T)
+    indices = torch.stack([torch.randperm(F, generator=gen)[:K].sort().values for _ in range(B * nb)]).view(B, nb, K)
+    a0, y0 = rnd(B, N, F), torch.randn(B, N, Dout, generator=gen)
+    a_ref, y_ref = a0.double(), y0.double()
+    mlp_ref.sparse_mlp_update(x.double(), w_gate.double(), b_gate.double(), None if w_up is None else w_up.double(),
+                              None if b_up is None else b_up.double(), w2.double(), act, indices, a_ref, y_ref, T)
+    if unit_major:
+        a, w2_arg = a0.transpose(1, 2).contiguous().transpose(1, 2), w2.t().contiguous().t()
+    else:
+        a, w2_arg = a0.clone(), w2
+    y = y0.clone()
+    mlp_tr.sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2_arg, act, indices.int(), a, y, T, config=config)
+    _close(a, a_ref, dtype, "a_cache")
+    _close(y, y_ref, dtype, "y_cache")
+
+
+def test_sparse_mlp_without_biases():
+    gen = torch.Generator().manual_seed(11)
+    B, N, C, F, T, K = 1, 33, 16, 32, 16, 12
+    x = torch.randn(B, N, C, generator=gen)
+    w_gate, w_up = torch.randn(F, C, generator=gen), torch.randn(F, C, generator=gen)
+    w2 = torch.randn(C, F, generator=gen)
+    indices = torch.stack([torch.randperm(F, generator=gen)[:K] for _ in range(3)]).view(B, 3, K)
+    a, y = torch.randn(B, N, F, generator=gen), torch.randn(B, N, C, generator=gen)
+    a_ref, y_ref = a.double(), y.double()
+    mlp_ref.sparse_mlp_update(x.double(), w_gate.double(), None, w_up.double(), None, w2.double(), "silu", indices,
+                              a_ref, y_ref, T)
+    mlp_tr.sparse_mlp_update(x, w_gate, None, w_up, None, w2, "silu", indices, a, y, T)
+    _close(a, a_ref, torch.float32, "a_cache")
+    _close(y, y_ref, torch.float32, "y_cache")
