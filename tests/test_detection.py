@@ -1,0 +1,103 @@
+"""Site detection on real DiT graphs: the sites found are the ones the architecture has."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import chipmunk_compile
+import tiny_models
+
+# (attention sites rewritten, attention sites left dense, mlp sites rewritten) per tiny config
+EXPECTED = {
+    "flux": (2, 0, 3),            # double block joint attn + single block attn; ff, ff_context, fused proj_out
+    "sd3": (1, 0, 1),             # one joint block (last block: context_pre_only, no ff_context)
+    "wan": (1, 1, 1),             # self-attn rewritten, cross-attn to text left dense; ffn
+    "hunyuan_video": (0, 3, 4),   # all attention carries attn_mask (stays dense); refiner SiLU MLP, ff,
+                                  # ff_context, fused single-block proj_out
+    "pixart": (1, 1, 1),          # self-attn, cross-attn left dense, ff
+    "cogvideox": (1, 0, 1),       # joint attention, ff
+    "plain_dit": (2, 0, 2),       # hand-written softmax attention, SwiGLU with separate gate/up linears
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_sites_per_architecture(name):
+    model, make_inputs = tiny_models.FACTORIES[name]()
+    report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
+    attn_ok, attn_dense, mlp_ok = EXPECTED[name]
+    assert report.count("attention", rewritten=True) == attn_ok, str(report)
+    assert report.count("attention", rewritten=False) == attn_dense, str(report)
+    assert report.count("mlp", rewritten=True) == mlp_ok, str(report)
+    assert report.count("mlp", rewritten=False) == 0, str(report)
+    for site in report.sites:
+        assert site.rewritten == (site.reason == "")
+        assert site.module and site.layer is not None
+
+
+def test_reasons_and_layers():
+    model, make_inputs = tiny_models.wan()
+    report = chipmunk_compile.explain(model, **make_inputs())
+    cross = [s for s in report.sites if s.module.endswith("attn2")]
+    assert "cross-attention" in cross[0].reason
+    # first_dense_layers=2 (default) keeps layer 0 dense: nothing rewritten in a 1-layer model
+    assert all(not s.rewritten for s in report.sites)
+    assert any("first_dense_layers" in s.reason for s in report.sites)
+    hunyuan, hunyuan_inputs = tiny_models.hunyuan_video()
+    masked = chipmunk_compile.explain(hunyuan, options={"first_dense_layers": 0}, **hunyuan_inputs())
+    assert all("mask" in s.reason for s in masked.sites if s.kind == "attention")
+
+
+def test_flux_layers_count_double_and_single_blocks():
+    model, make_inputs = tiny_models.flux(num_layers=2, num_single_layers=2)
+    report = chipmunk_compile.explain(model, options={"first_dense_layers": 3}, **make_inputs())
+    layers = {s.module.split(".attn")[0]: s.layer for s in report.sites if s.kind == "attention"}
+    assert layers == {"transformer_blocks.0": 0, "transformer_blocks.1": 1, "single_transformer_blocks.0": 2,
+                      "single_transformer_blocks.1": 3}
+    assert [s.rewritten for s in report.sites if s.kind == "attention"] == [False, False, False, True]
+    static = [s.details["static_columns"] for s in report.sites if s.kind == "attention" and s.rewritten]
+    assert static == [[0, 5]]  # the 5 text tokens in front of the image tokens
+
+
+class GatedBlock(nn.Module):
+    """diffusers FeedForward variants (GEGLU, SwiGLU chunked projections) and SDPA with GQA."""
+
+    def __init__(self, act):
+        super().__init__()
+        from diffusers.models.attention import FeedForward
+        self.ff = FeedForward(32, mult=2, activation_fn=act)
+        self.q, self.kv = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, 4, 8).transpose(1, 2)
+        k, v = self.kv(x).view(B, N, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return x + self.ff(x + o.transpose(1, 2).reshape(B, N, 32))
+
+
+class GatedNet(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.blocks = nn.ModuleList([GatedBlock(act), GatedBlock(act)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("act", ["geglu", "swiglu", "gelu", "gelu-approximate"])
+def test_gated_and_gqa_sites(act):
+    torch.manual_seed(0)
+    report = chipmunk_compile.explain(GatedNet(act).eval(), torch.randn(1, 40, 32),
+                                      options={"first_dense_layers": 0})
+    assert report.count("attention", rewritten=True) == 2, str(report)
+    assert report.count("mlp", rewritten=True) == 2, str(report)
+    mlp = [s for s in report.sites if s.kind == "mlp"][0]
+    assert mlp.details["gated"] == (act in ("geglu", "swiglu"))
+
+
+def test_embedder_mlp_is_not_a_site():
+    model, make_inputs = tiny_models.plain_dit()
+    report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
+    assert not any(s.module.startswith("t_embed") for s in report.sites)
