@@ -109,14 +109,6 @@ def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, 
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def _regional_error(site_count: int) -> RuntimeError:
-    return RuntimeError(
-        "chipmunk: one compiled graph is being run for a different module instance than it was compiled for "
-        "(diffusers' compile_repeated_blocks / regional compilation reuses one graph for every block). The "
-        f"graph's {site_count} delta caches belong to one layer, so sharing them would silently mix layers. "
-        "Compile the whole transformer instead: torch.compile(transformer, backend='chipmunk').")
-
-
 def _keep_shapes_static() -> None:
     """Caches have the shapes of one resolution and batch, so a new shape must be a new graph. Dynamo's
     automatic dynamic shapes would instead recompile the second shape as a symbolic graph, whose sites stay
@@ -131,6 +123,50 @@ def _warn(message: str) -> None:
     warnings.warn(message, ChipmunkFallbackWarning, stacklevel=3)
 
 
+def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None):
+    """Rewrites and compiles one graph for one module instance: (compiled callable, runtime or None)."""
+    try:
+        rewritten = copy_graph_module(gm)
+        sites = detect_sites(rewritten, options)
+        rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=_weight_ptrs(example_inputs))
+        code_before = rewritten.code
+        count = rewrite_sites(rewritten, sites, rt.id, options)
+    except Exception as exc:  # analysis must never break the user's model
+        _warn(f"chipmunk: graph analysis/rewrite failed ({type(exc).__name__}: {exc}); this graph runs plain "
+              f"{options.inner_backend}.")
+        log.debug("chipmunk rewrite failure", exc_info=True)
+        return inner_compile(gm, example_inputs, options, torch_mode), None
+
+    rt.site_records = [s.record() for s in sites]
+    rt.state_bytes = state_bytes(rewritten)
+    rejected = [s for s in sites if s.reason.startswith(("unsupported", "symbolic"))]
+    if rejected:
+        _warn(f"chipmunk: {len(rejected)} site(s) left dense: {rejected[0].reason} (e.g. {rejected[0].module}).")
+    if sites and all(s.block is None for s in sites):
+        _warn("chipmunk: this graph has attention/MLP computations but no repeated transformer blocks around "
+              "them, so nothing is rewritten. With regional compilation (compile_repeated_blocks) each block "
+              "is compiled alone: compile the whole transformer instead.")
+    log.info("chipmunk: %d of %d sites rewritten (%d attention, %d mlp), %.1f MiB of cache state", count,
+             len(sites), sum(s.rewritten and s.kind == "attention" for s in sites),
+             sum(s.rewritten and s.kind == "mlp" for s in sites), rt.state_bytes / 2**20)
+    if options.dump_dir:
+        dump.write_graph_dump(options.dump_dir, rt.id, code_before, rewritten, sites)
+    if count == 0:
+        return inner_compile(gm, example_inputs, options, torch_mode), None
+    try:
+        return inner_compile(rewritten, example_inputs, options, torch_mode), rt
+    except Exception as exc:
+        _warn(f"chipmunk: compiling the rewritten graph failed ({type(exc).__name__}: {exc}); this graph runs "
+              f"plain {options.inner_backend}.")
+        log.debug("chipmunk compile failure", exc_info=True)
+        return inner_compile(gm, example_inputs, options, torch_mode), None
+
+
+def _weight_ptrs(inputs) -> frozenset[int]:
+    # Dynamo passes parameters as graph inputs; their addresses identify the module instance.
+    return frozenset(t.data_ptr() for t in inputs if isinstance(t, torch.nn.Parameter))
+
+
 def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     """Entry point registered as torch_dynamo_backends: chipmunk."""
     unknown = set(kwargs) - {"options", "mode"}
@@ -139,51 +175,29 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     options = ChipmunkOptions.from_dict(kwargs.get("options"))
     torch_mode = kwargs.get("mode")
     _keep_shapes_static()
-    try:
-        rewritten = copy_graph_module(gm)
-        sites = detect_sites(rewritten, options)
-        rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=frozenset())
-        code_before = rewritten.code
-        count = rewrite_sites(rewritten, sites, rt.id, options)
-    except Exception as exc:  # analysis must never break the user's model
-        _warn(f"chipmunk: graph analysis/rewrite failed ({type(exc).__name__}: {exc}); this graph runs plain "
-              f"{options.inner_backend}.")
-        log.debug("chipmunk rewrite failure", exc_info=True)
-        return inner_compile(gm, example_inputs, options, torch_mode)
+    compiled, rt = _build(gm, example_inputs, options, torch_mode)
+    if rt is None:
+        return compiled
 
-    rt.site_records = [s.record() for s in sites]
-    rt.state_bytes = state_bytes(rewritten)
-    rejected = [s for s in sites if s.reason.startswith(("unsupported", "symbolic"))]
-    if rejected:
-        _warn(f"chipmunk: {len(rejected)} site(s) left dense: {rejected[0].reason} (e.g. {rejected[0].module}).")
-    log.info("chipmunk: %d of %d sites rewritten (%d attention, %d mlp), %.1f MiB of cache state", count,
-             len(sites), sum(s.rewritten and s.kind == "attention" for s in sites),
-             sum(s.rewritten and s.kind == "mlp" for s in sites), rt.state_bytes / 2**20)
-    if options.dump_dir:
-        dump.write_graph_dump(options.dump_dir, rt.id, code_before, rewritten, sites)
-    if count == 0:
-        return inner_compile(gm, example_inputs, options, torch_mode)
-
-    try:
-        compiled = inner_compile(rewritten, example_inputs, options, torch_mode)
-    except Exception as exc:
-        _warn(f"chipmunk: compiling the rewritten graph failed ({type(exc).__name__}: {exc}); this graph runs "
-              f"plain {options.inner_backend}.")
-        log.debug("chipmunk compile failure", exc_info=True)
-        return inner_compile(gm, example_inputs, options, torch_mode)
-
-    # Dynamo passes parameters as graph inputs; their addresses identify the module instance.
-    expected = {i: t.data_ptr() for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)}
-    rt.weight_ptrs = frozenset(expected.values())
-    check_position, check_ptr = next(iter(expected.items()), (None, None))
+    # Dynamo reuses one graph for every module instance with the same code and shapes (parameters are graph
+    # inputs), e.g. two transformers compiled side by side. Caches belong to one instance: each instance
+    # (recognised by the address of its first parameter) gets its own rewritten graph and runtime.
+    first_param = next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
+    instances = {None if first_param is None else example_inputs[first_param].data_ptr(): (compiled, rt)}
 
     def run_with_state(*args):
-        if check_position is not None and args[check_position].data_ptr() != check_ptr:
-            raise _regional_error(count)
-        runtime.activate(rt)
-        out = compiled(*args)
-        rt.advance()
+        key = None if first_param is None else args[first_param].data_ptr()
+        entry = instances.get(key)
+        if entry is None:
+            log.info("chipmunk: graph reused for another module instance; compiling its own copy")
+            entry = instances[key] = _build(gm, list(args), options, torch_mode)
+        fn, state = entry
+        if state is None:
+            return fn(*args)
+        runtime.activate(state)
+        out = fn(*args)
+        state.advance()
         return out
 
-    run_with_state.chipmunk_runtime = rt  # keeps the runtime alive as long as the compiled graph
+    run_with_state.chipmunk_instances = instances  # keeps the runtimes alive as long as the compiled graph
     return run_with_state

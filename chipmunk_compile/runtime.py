@@ -68,11 +68,11 @@ class GraphRuntime:
         """Counts executed plans (e.g. 'attention:sparse'); tests and explain() read them."""
         self.site_counters[what] = self.site_counters.get(what, 0) + 1
 
-    def generator(self, site_index: int, sample: int, device: torch.device) -> torch.Generator:
-        """A generator seeded by (seed, site, step, invocation, sample): the random choice of one sample never
-        depends on the rest of the batch."""
+    def generator(self, site_index: int, device: torch.device) -> torch.Generator:
+        """A generator seeded by (seed, site, step): reproducible runs, fresh draws per step, the same draw for
+        every invocation and sample (so batched CFG equals separate calls)."""
         gen = torch.Generator(device=device)
-        key = (self.options.seed, site_index, self.step, self.invocation, sample)
+        key = (self.options.seed, site_index, self.step)
         gen.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
         return gen
 

@@ -90,8 +90,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
             forced = torch.zeros(num_keys, dtype=torch.bool, device=q.device)
             forced[static_start:static_end] = True
         num_top, num_random, _ = attention_selection_counts(num_keys, static_end - static_start, opts)
-        generators = [rt.generator(site_index, b, q.device) for b in range(q.shape[0])]
-        indices[inv].copy_(select_topk_with_random(colmass, num_top, num_random, forced, generators))
+        indices[inv].copy_(select_topk_with_random(colmass, num_top, num_random, forced,
+                                                              rt.generator(site_index, q.device)))
         flags.has_indices = True
     lse_cache[inv].copy_(lse)
     flags.has_lse = True

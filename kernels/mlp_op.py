@@ -89,8 +89,8 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
         hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block)
         scores = unit_scores(hbar_new, hbar_cache[inv], w_gate.shape[0])
         num_top, num_random, _ = mlp_selection_counts(w_gate.shape[0], opts)
-        generators = [rt.generator(site_index, b, x.device) for b in range(xb.shape[0])]
-        selected = select_topk_with_random(scores, num_top, num_random, None, generators)
+        selected = select_topk_with_random(scores, num_top, num_random, None,
+                                           rt.generator(site_index, x.device))
         indices[inv].copy_(selected)
         # Each selected unit's reference becomes its value now; unselected units keep their older reference.
         paths = hbar_new.shape[-1] // w_gate.shape[0]

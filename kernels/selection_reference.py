@@ -1,10 +1,11 @@
 """Torch reference for top-k selection with a random extra fraction and forced (static) entries.
 
-``select_topk_with_random(scores [..., N], num_top, num_random, forced_mask [N] or None, generators)``
+``select_topk_with_random(scores [B, ..., N], num_top, num_random, forced_mask [N] or None, generator)``
 returns int64 indices [..., K], K = n_forced + num_top + num_random (clipped to N), sorted ascending:
 first every forced entry, then the ``num_top`` highest-scoring remaining entries, then ``num_random``
-uniformly random entries among the rest. One ``torch.Generator`` (on the scores' device) per leading batch element keeps the random
-choice of a sample independent of what else is in the batch.
+uniformly random entries among the rest. The random draw is the same for every sample of the batch (one draw
+of shape scores.shape[1:] from ``generator``, on the scores' device), so a sample's result never depends on
+its position in the batch or on the other samples.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def selection_size(n: int, num_top: int, num_random: int, num_forced: int) -> in
 
 
 def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
-                            forced_mask: torch.Tensor | None, generators: list[torch.Generator] | None):
+                            forced_mask: torch.Tensor | None, generator: torch.Generator | None):
     n = scores.shape[-1]
     num_forced = 0 if forced_mask is None else int(forced_mask.sum())
     k_total = selection_size(n, num_top, num_random, num_forced)
@@ -29,10 +30,8 @@ def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
     num_random = k_total - num_top_total
     top = torch.topk(s, num_top_total, dim=-1, sorted=False).indices
     if num_random > 0:
-        batch = scores.shape[0]
-        noise = torch.empty(s.shape, dtype=torch.float32, device=scores.device)
-        for b in range(batch):
-            noise[b].uniform_(generator=None if generators is None else generators[b])
+        noise = torch.empty(s.shape[1:], dtype=torch.float32, device=scores.device)
+        noise = noise.uniform_(generator=generator).expand_as(s).clone()
         noise.scatter_(-1, top, -1.0)  # already taken
         extra = torch.topk(noise, num_random, dim=-1, sorted=False).indices
         top = torch.cat([top, extra], dim=-1)

@@ -38,10 +38,9 @@ def is_call(node: Any, targets: Iterable, methods: Iterable[str] = ()) -> bool:
 
 
 def bind(node: fx.Node, names: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Positional + keyword arguments of a call as one dict (for call_method, args[0] is self)."""
+    """Positional + keyword arguments of a call as one dict (for call_method, self is the first name)."""
     bound = dict(defaults)
-    args = node.args[1:] if node.op == "call_method" else node.args
-    for name, value in zip(names, args):
+    for name, value in zip(names, node.args):
         bound[name] = value
     bound.update(node.kwargs)
     return bound

@@ -1,0 +1,128 @@
+"""Cache state: per batch element, per invocation, per graph; resets; regional compilation refused."""
+import pytest
+import torch
+
+import chipmunk_compile
+import tiny_models
+from helpers import FAST, compile_chipmunk, denoise_loop, first_output, newest_runtimes, rel_err, runtime_ids
+
+
+def _plans(rt):
+    return dict(rt.site_counters)
+
+
+@torch.no_grad()
+def test_reset_by_call_num_steps_and_explicit_reset():
+    model, make_inputs = tiny_models.flux()
+    before = runtime_ids()
+    compiled = compile_chipmunk(model, num_steps=4)
+    inputs = [make_inputs(step=s, seed=s, size=16) for s in range(6)]
+    outs = [first_output(compiled(**inputs[s])) for s in range(5)]     # steps 0..3, then a new generation
+    rt = newest_runtimes(before)[0]
+    ref = [first_output(model(**inputs[s])) for s in range(5)]
+    assert rel_err(outs[0], ref[0]) < 1e-5
+    assert rel_err(outs[2], ref[2]) > 1e-5          # a sparse step
+    assert rel_err(outs[4], ref[4]) < 1e-5          # call 5 = step 0 of the next generation: dense
+    assert rt.step == 1
+    assert chipmunk_compile.reset(model) >= 1
+    assert rt.calls == 0
+    assert rel_err(first_output(compiled(**inputs[5])), first_output(model(**inputs[5]))) < 1e-5
+    rt.reset()
+    assert chipmunk_compile.reset() >= 1            # all models
+
+
+@torch.no_grad()
+def test_new_resolution_and_batch_get_fresh_state():
+    model, make_inputs = tiny_models.flux()
+    before = runtime_ids()
+    compiled = compile_chipmunk(model)
+    for s in range(3):
+        compiled(**make_inputs(step=s, size=16))
+    for kwargs in ({"size": 12}, {"size": 16, "batch": 2}, {"size": 16}):
+        inputs = make_inputs(step=3, seed=7, **kwargs)
+        out = first_output(compiled(**inputs))
+        # first call of a new graph (or back to an old one after another shape ran): dense, exact
+        assert rel_err(out, first_output(model(**inputs))) < 1e-5, kwargs
+    runtimes = newest_runtimes(before)
+    assert len(runtimes) == 3  # 16, 12, 16×batch2: three graphs, each with its own state
+    assert all(s.rewritten for rt in runtimes for s in rt.site_records)
+
+
+@torch.no_grad()
+def test_batch_of_two_equals_two_single_runs():
+    model, make_inputs = tiny_models.flux(num_layers=2, num_single_layers=1)
+    opts = dict(attn_sparsity=0.7, mlp_sparsity=0.6)
+    pair = [make_inputs(batch=1, size=16, seed=s) for s in (1, 2)]
+
+    def batched(step):
+        a, b = (make_inputs(batch=1, size=16, seed=s, step=step) for s in (1, 2))
+        return {k: (torch.cat([a[k], b[k]]) if k in ("hidden_states", "encoder_hidden_states",
+                                                     "pooled_projections", "timestep") else a[k]) for k in a}
+
+    compiled = compile_chipmunk(model, **opts)
+    batch_outs = [first_output(compiled(**batched(step))) for step in range(6)]
+    torch._dynamo.reset()
+    for i, seed in enumerate((1, 2)):
+        chipmunk_compile.reset()
+        single = compile_chipmunk(model, **opts)
+        for step in range(6):
+            out = first_output(single(**make_inputs(batch=1, size=16, seed=seed, step=step)))
+            assert rel_err(out[0], batch_outs[step][i]) < 1e-4, (seed, step)
+        torch._dynamo.reset()
+    assert pair  # inputs were built per sample
+
+
+@torch.no_grad()
+def test_separate_cfg_invocations_keep_separate_caches():
+    model, make_inputs = tiny_models.flux()
+    cond = [make_inputs(size=16, seed=1, step=s) for s in range(6)]
+    uncond = [make_inputs(size=16, seed=2, step=s) for s in range(6)]
+    compiled = compile_chipmunk(model, invocations_per_step=2)
+    interleaved = []
+    for s in range(6):
+        interleaved.append((first_output(compiled(**cond[s])), first_output(compiled(**uncond[s]))))
+    torch._dynamo.reset()
+    for which, seq in ((0, cond), (1, uncond)):
+        alone = compile_chipmunk(model)
+        for s in range(6):
+            out = first_output(alone(**seq[s]))
+            assert rel_err(out, interleaved[s][which]) < 1e-5, (which, s)
+        torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_two_models_side_by_side():
+    """Dynamo reuses one graph for both instances; each must still get its own caches."""
+    m1, make_inputs = tiny_models.flux()
+    m2, _ = tiny_models.flux()
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seq, latents = [], None
+    for s in range(5):  # one fixed input sequence, driven by m1
+        seq.append(make_inputs(size=16, step=s, latents=latents))
+        latents = seq[-1]["hidden_states"] - 0.02 * first_output(m1(**seq[-1]))
+    solo = []
+    for m in (m1, m2):
+        compiled = compile_chipmunk(m)
+        solo.append([first_output(compiled(**inputs)) for inputs in seq])
+        torch._dynamo.reset()
+    c1, c2 = compile_chipmunk(m1), compile_chipmunk(m2)
+    for s, inputs in enumerate(seq):
+        out1, out2 = first_output(c1(**inputs)), first_output(c2(**inputs))
+        assert rel_err(out1, solo[0][s]) < 1e-5 and rel_err(out2, solo[1][s]) < 1e-5, s
+        assert rel_err(out1, out2) > 1e-3
+    # every instance has its own runtime: resetting m2 leaves m1's state alone
+    assert chipmunk_compile.reset(m2) == 1
+
+
+@torch.no_grad()
+def test_regional_compilation_never_shares_caches():
+    model, make_inputs = tiny_models.flux(num_layers=2, num_single_layers=0)
+    for block in model.transformer_blocks:
+        block.compile(backend="chipmunk", options=dict(FAST))
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="regional compilation"):
+        outs = [first_output(model(**make_inputs(size=16, step=s))) for s in range(3)]
+    model_plain, _ = tiny_models.flux(num_layers=2, num_single_layers=0)
+    for s in range(3):
+        assert rel_err(outs[s], first_output(model_plain(**make_inputs(size=16, step=s)))) < 1e-5
