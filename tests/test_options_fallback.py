@@ -1,0 +1,124 @@
+"""Options are validated with clear errors; graphs the passes cannot handle fall back with one warning."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import chipmunk_compile
+import tiny_models
+from chipmunk_compile.options import OPTION_DOCS, ChipmunkOptions
+from helpers import FAST, compile_chipmunk, denoise_loop, first_output, rel_err
+
+
+def test_every_option_is_documented():
+    import dataclasses
+    assert {f.name for f in dataclasses.fields(ChipmunkOptions)} == set(OPTION_DOCS)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"attn_sparsty": 0.9}, "did you mean 'attn_sparsity'"),
+    ({"attn_sparsity": 1.5}, r"attn_sparsity.*\[0, 1\]"),
+    ({"mlp_sparsity": "high"}, "mlp_sparsity"),
+    ({"mode": "fast"}, "'chipmunk' \\| 'dense'"),
+    ({"attn_warmup_steps": 1}, "step 1 the first selection"),
+    ({"attn_dense_steps": [3, 5]}, "contains step 0"),
+    ({"num_steps": 0}, "num_steps"),
+    ({"invocations_per_step": True}, "invocations_per_step"),
+    ({"kernels": "cuda"}, "'auto' \\| 'torch' \\| 'triton'"),
+])
+def test_bad_options_raise_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ChipmunkOptions.from_dict(bad)
+
+
+def test_bad_options_raise_through_torch_compile():
+    model, make_inputs = tiny_models.plain_dit()
+    compiled = torch.compile(model, backend="chipmunk", options={"attn_sparsity": -1})
+    with pytest.raises(Exception, match="attn_sparsity"):
+        compiled(**make_inputs())
+
+
+def test_explicit_schedules():
+    opts = ChipmunkOptions.from_dict({"attn_dense_steps": [0, 1, 7], "mlp_dense_steps": [0, 4]})
+    assert [s for s in range(10) if opts.attention_dense_at(s)] == [0, 1, 7]
+    assert [s for s in range(10) if opts.mlp_dense_at(s)] == [0, 4]
+    default = ChipmunkOptions()
+    assert [s for s in range(50) if default.attention_dense_at(s)] == [0, 1, 10, 20, 30, 40]
+    assert [s for s in range(50) if default.mlp_dense_at(s)] == [0, 10, 20, 30, 40]
+
+
+def test_analysis_failure_falls_back_with_one_warning(monkeypatch):
+    from chipmunk_compile import backend
+
+    def broken(graph):
+        raise RuntimeError("synthetic analysis failure")
+
+    monkeypatch.setattr(backend, "find_mlp_sites", broken)
+    model, make_inputs = tiny_models.flux()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = denoise_loop(compile_chipmunk(model), make_inputs, steps=3, size=16, driver=model)
+    ours = [w for w in caught if issubclass(w.category, chipmunk_compile.ChipmunkFallbackWarning)]
+    assert len(ours) == 1 and "synthetic analysis failure" in str(ours[0].message)
+    eager = denoise_loop(model, make_inputs, steps=3, size=16)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(outs, eager))
+
+
+def test_unsupported_dtype_stays_dense_with_warning():
+    model, make_inputs = tiny_models.plain_dit()
+    model = model.double()
+    inputs = {k: v.double() for k, v in make_inputs().items()}
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="unsupported dtype"):
+        out = compile_chipmunk(model)(**inputs)
+    assert rel_err(out, model(**inputs)) < 1e-10
+
+
+def test_dump_dir_writes_code_report_and_picture(tmp_path):
+    model, make_inputs = tiny_models.flux()
+    with torch.no_grad():
+        compile_chipmunk(model, dump_dir=str(tmp_path))(**make_inputs(size=16))
+    files = sorted(os.listdir(tmp_path))
+    stem = files[0].rsplit("_", 1)[0]
+    assert f"{stem}_before.py" in files and f"{stem}_after.py" in files and f"{stem}_sites.json" in files
+    assert any(f.endswith(("_rewritten.svg", "_rewritten.dot")) for f in files)
+    after = (tmp_path / f"{stem}_after.py").read_text()
+    assert "chipmunk.attention" in after and "chipmunk.mlp" in after
+    assert "chipmunk" not in (tmp_path / f"{stem}_before.py").read_text()
+    sites = json.loads((tmp_path / f"{stem}_sites.json").read_text())
+    assert {s["kind"] for s in sites} == {"attention", "mlp"}
+
+
+def test_dump_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIPMUNK_DUMP_DIR", str(tmp_path))
+    assert ChipmunkOptions.from_dict({}).dump_dir == str(tmp_path)
+
+
+def test_explain_report_prints_a_table():
+    model, make_inputs = tiny_models.flux()
+    report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
+    text = str(report)
+    assert "transformer_blocks.0.attn" in text and "5 of 5 sites rewritten" in text
+    assert json.loads(report.to_json())["graphs"] == 1
+
+
+def test_logging_under_package_logger(caplog):
+    model, make_inputs = tiny_models.plain_dit()
+    with caplog.at_level("INFO", logger="chipmunk_compile"):
+        compile_chipmunk(model)(**make_inputs())
+    assert any("sites rewritten" in r.message for r in caplog.records if r.name == "chipmunk_compile")
+
+
+def test_backend_name_works_without_import():
+    """The torch_dynamo_backends entry point registers 'chipmunk' for a process that never imports us."""
+    code = ("import torch\n"
+            "m = torch.nn.Linear(4, 4)\n"
+            "c = torch.compile(m, backend='chipmunk', options={'inner_backend': 'eager'})\n"
+            "print(float((c(torch.ones(2, 4)) - m(torch.ones(2, 4))).abs().max()))\n"
+            "import sys; print('chipmunk_compile' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0.0", "True"]  # loaded lazily by torch through the entry point
