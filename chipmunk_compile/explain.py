@@ -40,7 +40,8 @@ class ExplainReport:
         header = ("kind", "module", "layer", "rewritten", "reason / details")
         rows = []
         for s in self.sites:
-            info = s.reason or ", ".join(f"{k}={v}" for k, v in s.details.items() if v is not None)
+            info = s.reason or ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in s.details.items() if v is not None)
             rows.append((s.kind, s.module, "-" if s.layer is None else str(s.layer), "yes" if s.rewritten
                          else "no", info))
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
