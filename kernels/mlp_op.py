@@ -6,7 +6,8 @@ Before (Dynamo graph)                          After
     y = linear(a, W2, b2)                                           act, rt, site)
 
 Caches are GraphModule buffers with a leading invocation axis: y_cache [I, B, N, Dout] float32 (b2 included),
-a_cache [I, B, N, F] (the hidden activations, i.e. what multiplies W2), hbar_cache [I, B, nb, P*F] float32
+a_cache [I, B, F, N] (the hidden activations, i.e. what multiplies W2; unit-major so
+a unit's activations over a token block are contiguous for the kernels' gathers), hbar_cache [I, B, nb, P*F] float32
 (block means of the pre-activations), indices [I, B, nb, K] (selected hidden units per token block).
 
     plan            when                                      computes
@@ -78,7 +79,7 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
             opts, inv = rt.options, rt.invocation
             xb = as_token_batches(x)
             y_cache[inv].copy_(y.reshape(y_cache.shape[1:]))
-            a_cache[inv].copy_(a.reshape(a_cache.shape[1:]))
+            a_cache[inv].transpose(-1, -2).copy_(a.reshape(xb.shape[0], xb.shape[1], -1))
             hbar_cache[inv].copy_(block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block))
             flags.has_cache = True
         return y
@@ -98,8 +99,12 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
         hbar_cache[inv].scatter_(-1, cols, hbar_new.gather(-1, cols))
         flags.has_indices = True
     update = implementation("sparse_mlp_update", opts.kernels, x.device)
-    update(xb, w_gate, b_gate, w_up, b_up, w2, activation, indices[inv], a_cache[inv], y_cache[inv],
-           opts.mlp_token_block)
+    if x.is_cuda:
+        # The mm2 kernel gathers W2 columns; a unit-major copy makes each gathered unit one contiguous row.
+        # Made per call (not cached) so updated weights (LoRA, load_state_dict) can never be stale.
+        w2 = w2.t().contiguous().t()
+    update(xb, w_gate, b_gate, w_up, b_up, w2, activation, indices[inv], a_cache[inv].transpose(-1, -2),
+           y_cache[inv], opts.mlp_token_block)
     return y_cache[inv].to(x.dtype, copy=True).reshape(out_shape)
 
 

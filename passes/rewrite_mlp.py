@@ -53,8 +53,9 @@ def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int
     with torch.no_grad():
         y_cache = add_state_buffer(gm, f"{prefix}_y_cache",
                                    torch.zeros(inv, batch, tokens, d_out, dtype=torch.float32, device=dev), out)
+        # Unit-major [.., F, N]: the sparse kernels gather whole units (rows here) for a token block.
         a_cache = add_state_buffer(gm, f"{prefix}_a_cache",
-                                   torch.zeros(inv, batch, tokens, num_units, dtype=fx_.dtype, device=dev), out)
+                                   torch.zeros(inv, batch, num_units, tokens, dtype=fx_.dtype, device=dev), out)
         hbar = add_state_buffer(gm, f"{prefix}_hbar_cache",
                                 torch.zeros(inv, batch, blocks, paths * num_units, dtype=torch.float32,
                                             device=dev), out)

@@ -1,0 +1,154 @@
+"""End-to-end check and timing of the chipmunk backend on a CUDA GPU (Triton kernels by default).
+
+Part 1, correctness (small Flux transformer, bf16, random weights, 12 steps with slowly moving latents, every
+call compared with eager on the same inputs):
+  - mode="dense" vs eager; all columns/units selected vs eager (both exact up to bf16 rounding);
+  - default chipmunk vs eager (approximate: reported);
+  - mode="reduce-overhead" (CUDA graphs around the chipmunk ops) vs the same backend without CUDA graphs.
+Part 2, speed (a FLUX-width transformer: 3072 wide, 24 heads of 128, 2 double + 4 single blocks, 1024x1024
+image = 4096 image + 512 text tokens, bf16): median step time of plain Inductor vs chipmunk on dense steps,
+sparse steps and over a whole 50-step schedule.
+Prints a table; writes backend_<gpu>.json to $OUT or benchmarks/results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+import triton
+from diffusers import FluxTransformer2DModel
+
+import chipmunk_compile
+
+DEV, DT = "cuda", torch.bfloat16
+RESULTS: dict = {"checks": [], "speed": []}
+
+
+def flux(width_heads, head_dim, double, single, text_dim=64):
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=double, num_single_layers=single,
+                                  attention_head_dim=head_dim, num_attention_heads=width_heads,
+                                  joint_attention_dim=text_dim, pooled_projection_dim=64,
+                                  axes_dims_rope=(head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+                                  ).to(DEV, DT).eval()
+
+
+def inputs(side, text, text_dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(side * side, 3)
+    ids[:, 1] = torch.arange(side).repeat_interleave(side)
+    ids[:, 2] = torch.arange(side).repeat(side)
+    return dict(hidden_states=torch.randn(1, side * side, 16, generator=g).to(DEV, DT),
+                encoder_hidden_states=torch.randn(1, text, text_dim, generator=g).to(DEV, DT),
+                pooled_projections=torch.randn(1, 64, generator=g).to(DEV, DT),
+                timestep=torch.ones(1, device=DEV, dtype=DT), img_ids=ids.to(DEV),
+                txt_ids=torch.zeros(text, 3, device=DEV), return_dict=False)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def trajectory(model, side=32, text=16, steps=12):
+    seq, x = [], None
+    for s in range(steps):
+        inp = inputs(side, text)
+        if x is not None:
+            inp["hidden_states"] = x
+        inp["timestep"] = torch.full((1,), 1.0 - s / 50, device=DEV, dtype=DT)
+        seq.append(inp)
+        x = inp["hidden_states"] - 0.02 * model(**inp)[0]
+    return seq
+
+
+@torch.no_grad()
+def check(name, model, seq, ref_outs, limit, **compile_kwargs):
+    torch._dynamo.reset()
+    chipmunk_compile.reset()
+    compiled = torch.compile(model, backend="chipmunk", **compile_kwargs)
+    outs = [compiled(**inp)[0].clone() for inp in seq]
+    errs = [rel(o, r) for o, r in zip(outs, ref_outs)]
+    ok = limit is None or max(errs) < limit
+    RESULTS["checks"].append(dict(name=name, max_rel_err=max(errs), per_step=errs, limit=limit, ok=ok))
+    print(f"check {name:34s} max rel err {max(errs):.2e}  limit {limit}  {'OK' if ok else 'FAIL'}")
+    return outs
+
+
+def part1():
+    model = flux(4, 64, 2, 2)
+    seq = trajectory(model)
+    with torch.no_grad():
+        eager = [model(**inp)[0] for inp in seq]
+    base = {"first_dense_layers": 0}
+    check("dense mode vs eager", model, seq, eager, 2e-2, options={**base, "mode": "dense"})
+    check("all selected vs eager", model, seq, eager, 3e-2,
+          options={**base, "attn_sparsity": 0.0, "mlp_sparsity": 0.0, "attn_random_fraction": 0.0,
+                   "mlp_random_fraction": 0.0})
+    default = check("default chipmunk vs eager", model, seq, eager, None, options=base)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    check("reduce-overhead vs default chipmunk", model, seq, default, 2e-2, mode="reduce-overhead")
+    RESULTS["cudagraph_skips"] = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    print("cudagraph skips:", RESULTS["cudagraph_skips"])
+
+
+@torch.no_grad()
+def step_times(fn, inp, steps, warm):
+    times = []
+    for s in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(**inp)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times[warm:]
+
+
+def part2():
+    model = flux(24, 128, 2, 4, text_dim=4096)
+    inp = inputs(64, 512, text_dim=4096)
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    plain = torch.compile(model)
+    dense_ms = statistics.median(step_times(plain, inp, 12, 2))
+    compile_plain = time.perf_counter() - t0
+    torch._dynamo.reset()
+    chipmunk_compile.reset()
+    t0 = time.perf_counter()
+    ours = torch.compile(model, backend="chipmunk", options={"first_dense_layers": 0, "num_steps": 50})
+    times = step_times(ours, inp, 50, 0)  # a whole generation: step i of the schedule is call i
+    compile_ours = time.perf_counter() - t0
+    times2 = step_times(ours, inp, 50, 0)  # second generation, everything compiled
+    opts = chipmunk_compile.ChipmunkOptions(num_steps=50)
+    dense_steps = [t for s, t in enumerate(times2) if opts.attention_dense_at(s) or opts.mlp_dense_at(s)]
+    sparse_steps = [t for s, t in enumerate(times2) if not (opts.attention_dense_at(s) or opts.mlp_dense_at(s))]
+    row = dict(model="flux-width 3072, 2 double + 4 single, 4096+512 tokens, bf16", dense_inductor_ms=dense_ms,
+               chipmunk_dense_step_ms=statistics.median(dense_steps),
+               chipmunk_sparse_step_ms=statistics.median(sparse_steps),
+               chipmunk_schedule_mean_ms=sum(times2) / len(times2),
+               schedule_speedup=dense_ms / (sum(times2) / len(times2)),
+               sparse_step_speedup=dense_ms / statistics.median(sparse_steps),
+               compile_s_plain=compile_plain, first_generation_s_chipmunk=compile_ours)
+    RESULTS["speed"].append(row)
+    for k, v in row.items():
+        print(f"  {k:32s} {v:.3f}" if isinstance(v, float) else f"  {k:32s} {v}")
+
+
+def main():
+    gpu = torch.cuda.get_device_name()
+    RESULTS.update(device=gpu, torch=torch.__version__, triton=triton.__version__)
+    part1()
+    part2()
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
+    with open(os.path.join(out_dir, f"backend_{tag}.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
