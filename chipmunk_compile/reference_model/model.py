@@ -195,20 +195,24 @@ def save_reference_model(
     extra: Optional[dict] = None,
 ) -> None:
     """Write the layout ``load_reference_model`` reads (weights cast to ``dtype``; the modules are untouched)."""
-    import copy
-
     from safetensors.torch import save_file
 
     os.makedirs(weights_dir, exist_ok=True)
-    t = copy.deepcopy(transformer).to("cpu", dtype)
-    t.save_pretrained(weights_dir, safe_serialization=True)
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in conditioner.state_dict().items()}
-    save_file(sd, os.path.join(weights_dir, "conditioner.safetensors"))
+    transformer.save_config(weights_dir)  # config.json, as save_pretrained writes it
+    files = {
+        "diffusion_pytorch_model.safetensors": transformer.state_dict(),
+        "conditioner.safetensors": conditioner.state_dict(),
+    }
+    for name, state in files.items():
+        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+        save_file(sd, os.path.join(weights_dir, name), metadata={"format": "pt"})
     meta = {"config": config.to_json(), "stored_dtype": str(dtype).replace("torch.", "")}
     if extra:
         meta.update(extra)
     with open(os.path.join(weights_dir, "reference.json"), "w") as f:
         json.dump(meta, f, indent=2)
+    for name in ("config.json", "reference.json", *files):
+        os.chmod(os.path.join(weights_dir, name), 0o644)
 
 
 def load_reference_config(weights_dir: Optional[str] = None) -> ReferenceConfig:
