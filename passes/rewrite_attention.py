@@ -54,6 +54,7 @@ def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_i
     new.meta.update(out.meta)
     out.replace_all_uses_with(result)
     graph.erase_node(out)
-    site.details.update({"keys": num_keys, "kept_keys": total, "top": num_top, "random": num_random,
+    site.details.update({"batch": B, "heads": H, "queries": N, "head_dim": fq.shape[-1], "value_dim": dv,
+                         "keys": num_keys, "kept_keys": total, "top": num_top, "random": num_random,
                          "static_columns": [static_lo, static_hi] if segment else None,
                          "query_groups": groups})

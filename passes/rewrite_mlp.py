@@ -80,5 +80,6 @@ def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int
     new.meta.update(out.meta)
     out.replace_all_uses_with(result)
     graph.erase_node(out)
-    site.details.update({"hidden_units": num_units, "kept_units": kept, "token_blocks": blocks,
+    site.details.update({"batch": batch, "tokens": tokens, "d_in": fx_.shape[-1], "d_out": d_out,
+                         "hidden_units": num_units, "kept_units": kept, "token_blocks": blocks,
                          "gated": paths == 2})
