@@ -40,6 +40,7 @@ class GraphRuntime:
         self.calls = 0
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
         _RUNTIMES[self.id] = self
 
     @property
@@ -71,7 +72,9 @@ class GraphRuntime:
     def generator(self, site_index: int, device: torch.device) -> torch.Generator:
         """A generator seeded by (seed, site, step): reproducible runs, fresh draws per step, the same draw for
         every invocation and sample (so batched CFG equals separate calls)."""
-        gen = torch.Generator(device=device)
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
         key = (self.options.seed, site_index, self.step)
         gen.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
         return gen

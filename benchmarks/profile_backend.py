@@ -1,0 +1,47 @@
+"""Profiles one dense and one sparse step of the chipmunk backend on a FLUX-width transformer (CUDA).
+
+Prints the top CUDA kernels and the top CPU-side ops by self time for each step kind, so the overhead of the
+delta-cache ops over plain Inductor can be attributed. Usage: python benchmarks/profile_backend.py
+"""
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import chipmunk_compile
+from backend_gpu import flux, inputs, step_times
+
+
+@torch.no_grad()
+def main():
+    model = flux(24, 128, 2, 4, text_dim=4096)
+    inp = inputs(64, 512, text_dim=4096)
+    plain = torch.compile(model)
+    step_times(plain, inp, 3, 0)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        plain(**inp)
+        torch.cuda.synchronize()
+    print("=== plain inductor step")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+    torch._dynamo.reset()
+    ours = torch.compile(model, backend="chipmunk", options={"first_dense_layers": 0, "num_steps": 50})
+    step_times(ours, inp, 50, 0)          # one whole generation (compile, autotune)
+    step_times(ours, inp, 12, 0)          # steps 0..11 of the next one
+    for label in ("sparse step 12 (mlp refresh)", "sparse step 13"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            ours(**inp)
+            torch.cuda.synchronize()
+        print(f"=== chipmunk {label}")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    step_times(ours, inp, 50 - 14 - 0, 0)  # finish the generation: next call is step 0
+    step_times(ours, inp, 10, 0)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ours(**inp)                        # step 10: dense attention with selection, dense MLP
+        torch.cuda.synchronize()
+    print("=== chipmunk dense step 10")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))
+
+
+if __name__ == "__main__":
+    main()
