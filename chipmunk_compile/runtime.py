@@ -41,6 +41,7 @@ class GraphRuntime:
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._derived: dict = {}
         _RUNTIMES[self.id] = self
 
     @property
@@ -68,6 +69,16 @@ class GraphRuntime:
     def count(self, what: str) -> None:
         """Counts executed plans (e.g. 'attention:sparse'); tests and explain() read them."""
         self.site_counters[what] = self.site_counters.get(what, 0) + 1
+
+    def derived(self, key, tensor: torch.Tensor, make):
+        """``make(tensor)``, cached until the tensor changes. The cache key includes the storage address, shape,
+        strides and the version counter, which every in-place update (load_state_dict, fused LoRA) bumps,
+        so a derived copy of a weight can never be stale."""
+        stamp = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version, tensor.dtype)
+        cached = self._derived.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = self._derived[key] = (stamp, make(tensor))
+        return cached[1]
 
     def generator(self, site_index: int, device: torch.device) -> torch.Generator:
         """A generator seeded by (seed, site, step): reproducible runs, fresh draws per step, the same draw for

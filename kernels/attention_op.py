@@ -96,7 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     lse_cache[inv].copy_(lse)
     flags.has_lse = True
     if plan in ("dense_select", "dense_cache"):
-        o_cache[inv].copy_(delta_fn(q, k, v, scale, indices[inv], group, o, -1.0))
+        delta_fn(q, k, v, scale, indices[inv], group, o, -1.0, out=o_cache[inv])
         flags.has_cache = True
     return o
 

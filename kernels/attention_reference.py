@@ -59,13 +59,15 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
 
 
 def sparse_attention_delta(q, k, v, scale: float, indices: torch.Tensor, group_size: int,
-                           base: torch.Tensor, sign: float):
-    """``base + sign * P^S`` with P^S renormalised over each group's selected columns; result in base.dtype."""
+                           base: torch.Tensor, sign: float, out: torch.Tensor | None = None):
+    """``base + sign * P^S`` with P^S renormalised over each group's selected columns; result in base.dtype,
+    written into ``out`` when given (``out`` may be ``base``)."""
     cd = _compute_dtype(q)
     B, H, Nq, _ = q.shape
     num_groups = indices.shape[2]
     assert num_groups == -(-Nq // group_size), (num_groups, Nq, group_size)
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     for g in range(num_groups):
         rows = slice(g * group_size, min(Nq, (g + 1) * group_size))
         idx = indices[:, :, g].long()                                       # [B, H, K]

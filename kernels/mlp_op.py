@@ -27,7 +27,8 @@ import torch
 
 from chipmunk_compile import runtime
 from chipmunk_compile.kernels.dispatch import implementation
-from chipmunk_compile.kernels.mlp_reference import (block_mean_preactivation, hidden_units, unit_scores)
+from chipmunk_compile.kernels.mlp_reference import (ACTIVATIONS, block_mean_preactivation, hidden_units,
+                                                     unit_scores)
 from chipmunk_compile.kernels.selection_reference import select_topk_with_random
 
 import torch.nn.functional as F
@@ -55,6 +56,14 @@ def choose_plan(rt, flags) -> str:
     return "sparse"
 
 
+def _unit_major_hidden(x, w_gate, b_gate, w_up, b_up, activation):
+    """act(W x^T + b) as [F, N] for one sequence x [N, C] (the transposed hidden activations)."""
+    def project(w, b):
+        return torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())
+    a = ACTIVATIONS[activation](project(w_gate, b_gate))
+    return a * project(w_up, b_up) if w_up is not None else a
+
+
 def as_token_batches(x: torch.Tensor) -> torch.Tensor:
     """[*, N, C] -> [B, N, C] (2-D input is one sequence)."""
     return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
@@ -72,20 +81,21 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
     plan = choose_plan(rt, flags)
     rt.count(f"mlp:{plan}")
     out_shape = (*x.shape[:-1], w2.shape[0])
-    if plan in ("dense", "dense_fill"):
-        a = hidden_units(x, w_gate, b_gate, w_up, b_up, activation)
-        y = F.linear(a, w2, b2)
-        if plan == "dense_fill":
-            opts, inv = rt.options, rt.invocation
-            xb = as_token_batches(x)
-            y_cache[inv].copy_(y.reshape(y_cache.shape[1:]))
-            a_cache[inv].transpose(-1, -2).copy_(a.reshape(xb.shape[0], xb.shape[1], -1))
-            hbar_cache[inv].copy_(block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block))
-            flags.has_cache = True
-        return y
-
+    if plan == "dense":
+        return F.linear(hidden_units(x, w_gate, b_gate, w_up, b_up, activation), w2, b2)
     opts, inv = rt.options, rt.invocation
     xb = as_token_batches(x)
+    if plan == "dense_fill":
+        # Computed unit-major (a^T = act(W x^T + b)), straight into the activation cache: no transposing copy.
+        a_t = a_cache[inv]
+        for b in range(xb.shape[0]):
+            a_t[b].copy_(_unit_major_hidden(xb[b], w_gate, b_gate, w_up, b_up, activation))
+        y = F.linear(a_t.transpose(-1, -2), w2, b2)
+        y_cache[inv].copy_(y)
+        hbar_cache[inv].copy_(block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block))
+        flags.has_cache = True
+        return y.reshape(out_shape)
+
     if plan == "sparse_refresh":
         hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block)
         scores = unit_scores(hbar_new, hbar_cache[inv], w_gate.shape[0])
@@ -100,9 +110,7 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
         flags.has_indices = True
     update = implementation("sparse_mlp_update", opts.kernels, x.device)
     if x.is_cuda:
-        # The mm2 kernel gathers W2 columns; a unit-major copy makes each gathered unit one contiguous row.
-        # Made per call (not cached) so updated weights (LoRA, load_state_dict) can never be stale.
-        w2 = w2.t().contiguous().t()
+        w2 = rt.derived(("w2_unit_major", site_index), w2, lambda w: w.t().contiguous().t())
     update(xb, w_gate, b_gate, w_up, b_up, w2, activation, indices[inv], a_cache[inv].transpose(-1, -2),
            y_cache[inv], opts.mlp_token_block)
     return y_cache[inv].to(x.dtype, copy=True).reshape(out_shape)

@@ -48,10 +48,12 @@ def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int):
     sums = F.pad(xs, (0, 0, 0, pad)).reshape(B, nb, token_block, C).sum(dim=2)
     counts = torch.full((nb,), float(token_block), dtype=cd, device=x.device)
     counts[-1] = token_block - pad
-    means = sums / counts.view(1, nb, 1)
-    parts = [_linear(means, w_gate.to(cd), None if b_gate is None else b_gate.to(cd))]
+    # Means in float32 (or 64); the nb-row scoring GEMM runs in the weights' dtype, so no converted copy of
+    # the weights is made at every refresh.
+    means = (sums / counts.view(1, nb, 1)).to(w_gate.dtype)
+    parts = [_linear(means, w_gate, b_gate)]
     if w_up is not None:
-        parts.append(_linear(means, w_up.to(cd), None if b_up is None else b_up.to(cd)))
+        parts.append(_linear(means, w_up, b_up))
     out = torch.cat(parts, dim=-1)
     return out if cd == torch.float64 else out.float()
 

@@ -1,8 +1,8 @@
 """Torch reference for top-k selection with a random extra fraction and forced (static) entries.
 
 ``select_topk_with_random(scores [B, ..., N], num_top, num_random, forced_mask [N] or None, generator)``
-returns int64 indices [..., K], K = n_forced + num_top + num_random (clipped to N), sorted ascending:
-first every forced entry, then the ``num_top`` highest-scoring remaining entries, then ``num_random``
+returns int64 indices [..., K], K = n_forced + num_top + num_random (clipped to N), in no particular order
+(the kernels gather in any order; sorting cost more than it saved): every forced entry, then the ``num_top`` highest-scoring remaining entries, then ``num_random``
 uniformly random entries among the rest. The random draw is the same for every sample of the batch (one draw
 of shape scores.shape[1:] from ``generator``, on the scores' device), so a sample's result never depends on
 its position in the batch or on the other samples.
@@ -35,4 +35,4 @@ def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
         noise.scatter_(-1, top, -1.0)  # already taken
         extra = torch.topk(noise, num_random, dim=-1, sorted=False).indices
         top = torch.cat([top, extra], dim=-1)
-    return torch.sort(top, dim=-1).values
+    return top

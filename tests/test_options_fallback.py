@@ -122,3 +122,10 @@ def test_backend_name_works_without_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0.0", "True"]  # loaded lazily by torch through the entry point
+
+
+def test_readme_documents_every_option():
+    import dataclasses
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    missing = [f.name for f in dataclasses.fields(ChipmunkOptions) if f"`{f.name}`" not in readme]
+    assert not missing, f"README options table lacks {missing}; regenerate with scripts/options_table.py"
