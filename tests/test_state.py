@@ -126,3 +126,19 @@ def test_regional_compilation_never_shares_caches():
     model_plain, _ = tiny_models.flux(num_layers=2, num_single_layers=0)
     for s in range(3):
         assert rel_err(outs[s], first_output(model_plain(**make_inputs(size=16, step=s)))) < 1e-5
+
+
+def test_derived_weight_copies_follow_in_place_updates():
+    """Cached transformed weights (the unit-major W2 the CUDA kernels read) are rebuilt after any in-place
+    update of the weight, e.g. load_state_dict or a fused LoRA."""
+    from chipmunk_compile.options import ChipmunkOptions
+    from chipmunk_compile.runtime import GraphRuntime
+    rt = GraphRuntime(ChipmunkOptions(), num_sites=1, weight_ptrs=frozenset())
+    w = torch.randn(4, 6)
+    first = rt.derived("w", w, lambda t: t.t().contiguous())
+    assert rt.derived("w", w, lambda t: t.t().contiguous()) is first
+    with torch.no_grad():
+        torch.nn.Linear(6, 4).weight.data  # unrelated tensor: no effect
+        w.add_(1.0)
+    again = rt.derived("w", w, lambda t: t.t().contiguous())
+    assert again is not first and torch.equal(again, w.t())
