@@ -13,7 +13,8 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
   spent on the output-cache read/write (bytes / measured copy bandwidth).
 
 Prints a table and writes kernels_<gpu>.json (and a speedup-vs-sparsity PNG) to $OUT or benchmarks/results.
-Usage: python benchmarks/kernels.py [--quick]
+Usage: python benchmarks/kernels.py [--quick | --sweep]   (--sweep: every candidate config of every kernel timed
+explicitly, written to sweep.json; see benchmarks/KERNEL_NOTES.md)
 """
 from __future__ import annotations
 
@@ -161,10 +162,11 @@ def bench_dense_step(N, quick, H=24, D=128):
     sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), quick)
     _, lse, _ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)
     plain = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP), quick)
+    plain_cfg = str(dense_tr._dense_attn_tuned.best_config)
     fused = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP), quick)
     shape = f"B1 H{H} N{N} d{D}"
-    record("dense_step_lse", shape, 0.0, sdpa, plain)
-    record("dense_step_colmass", shape, 0.0, sdpa, fused)
+    record("dense_step_lse", shape, 0.0, sdpa, plain, config=plain_cfg)
+    record("dense_step_colmass", shape, 0.0, sdpa, fused, config=str(dense_tr._dense_attn_tuned.best_config))
     # Selection at a dense step: top 7% of each group's column mass (a torch.topk over [H*G, N]).
     cs = torch.rand(H * -(-N // GROUP), N, device=DEV)
     n_sel = kept(N, 0.93)
@@ -188,8 +190,10 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
     hbar_cache = torch.randn(1, nb, Fh, device=DEV)
 
     def select(k):
-        # Block means of x in fp32, then the scoring GEMM on nb rows in bf16 (W1 stays bf16).
-        means = x.float().view(1, nb, TOKEN_BLOCK, C).mean(dim=2).to(BF16)
+        # Block means of x accumulated in fp32 in one pass over x (no fp32 copy of x), the scoring GEMM on nb rows
+        # in bf16 (W1 stays bf16), and top-k. The kernels run as fast on unsorted lists as on sorted ones
+        # (measured), so no sort.
+        means = x.view(1, nb, TOKEN_BLOCK, C).mean(dim=2, dtype=torch.float32).to(BF16)
         hbar = F.linear(means, w1, b1).float()
         return (hbar - hbar_cache).abs().topk(k, dim=-1, sorted=False).indices
 
@@ -206,7 +210,149 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
                                                          y_cache, TOKEN_BLOCK), quick)
         record("mlp", f"N{N} {C}-{Fh}-{C} gelu_tanh", sp, dense_ms, total, dense_ms * k / Fh, units=k,
-               selection_ms=select_ms, kernels_ms=kernels_ms, selection_share=select_ms / total)
+               selection_ms=select_ms, kernels_ms=kernels_ms, selection_share=select_ms / total,
+               speedup_kernels_only=dense_ms / kernels_ms,
+               config=f"mm1 {mlp_tr._mm1_tuned.best_config} mm2 {mlp_tr._mm2_tuned.best_config}")
+
+
+# ------------------------------------------------------------------------------------------- config sweep
+def sweep(out_dir):
+    """Times every candidate configuration of every kernel explicitly (for tuning the autotuner lists)."""
+    import time
+    t0 = time.time()
+    rows = []
+
+    def rec(kind, shape, variant, ms_, base_ms=None, **extra):
+        r = dict(kind=kind, shape=shape, variant=variant, ms=ms_, base_ms=base_ms,
+                 ratio=None if (base_ms is None or ms_ is None) else ms_ / base_ms, **extra)
+        rows.append(r)
+        rt = "" if r["ratio"] is None else f"{r['ratio']:7.3f}"
+        print(f"{kind:14s} {shape:16s} {variant:44s} {ms_ if ms_ is None else round(ms_, 4)!s:>9s} {rt} "
+              f"[{time.time() - t0:5.0f}s]", flush=True)
+
+    def safe(fn):
+        try:
+            return ms(fn, True)
+        except Exception as e:  # noqa: BLE001 (out of resources and the like: record and go on)
+            print("   failed:", type(e).__name__, str(e)[:120])
+            return None
+
+    def dump():
+        with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=rows), f, indent=1, default=str)
+
+    H, D = 24, 128
+    scale = D ** -0.5
+    # Dense step: LSE only and LSE + column mass, per config and column-mass formulation.
+    dcfgs = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3)]
+    for N in (4608, 16896):
+        q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+        sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), True)
+        rec("dense", f"N{N}", "sdpa", sdpa, sdpa)
+        _, lse, _ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)
+        o_ref, cs_ref = F.scaled_dot_product_attention(q, k, v), None
+        for bm, bn, w, st in dcfgs:
+            base = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            tag = f"BM{bm} BN{bn} w{w} s{st}"
+            rec("dense", f"N{N}", f"lse {tag}",
+                safe(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP, config=base)), sdpa)
+            for mode in ((0, 1, 2) if (bm, bn, st) == (128, 64, 3) else (1, 2)):
+                cfg = dict(base, CS_MODE=mode)
+                try:
+                    o_, _, cs_ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, config=cfg)
+                    if cs_ref is None:
+                        cs_ref = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP,
+                                                                      config=dict(base, CS_MODE=0))[2]
+                    print(f"   err o {rel_err(o_, o_ref):.1e} cs {rel_err(cs_, cs_ref):.1e}")
+                except Exception as e:  # noqa: BLE001
+                    print("   check failed:", type(e).__name__, str(e)[:120])
+                rec("dense", f"N{N}", f"cs{mode} {tag}",
+                    safe(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, config=cfg)), sdpa)
+        del q, k, v, lse
+    print(f"dense sweep done {time.time() - t0:.0f}s", flush=True)
+    dump()
+
+    # Sparse attention: every candidate config at three shapes.
+    scfgs = [dict(BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_M1=c.kwargs["BLOCK_M1"], BLOCK_M2=c.kwargs["BLOCK_M2"],
+                  BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
+             for c in sparse_tr._CONFIGS]
+    scfgs += [dict(BLOCK_M=128, BLOCK_M1=64, BLOCK_M2=0, BLOCK_N=32, num_warps=8, num_stages=4),
+              dict(BLOCK_M=64, BLOCK_M1=0, BLOCK_M2=0, BLOCK_N=64, num_warps=4, num_stages=2),
+              dict(BLOCK_M=64, BLOCK_M1=0, BLOCK_M2=0, BLOCK_N=128, num_warps=4, num_stages=2),
+              dict(BLOCK_M=128, BLOCK_M1=0, BLOCK_M2=0, BLOCK_N=64, num_warps=8, num_stages=2)]
+    for N, sp in ((118800, 0.93), (16896, 0.835), (4608, 0.835)):
+        q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+        n_sel = kept(N, sp)
+        ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
+        ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), True)
+        rec("sparse", f"N{N}", f"ideal sdpa over {n_sel} keys", ideal, ideal)
+        num_groups = -(-N // GROUP)
+        idx = random_indices(H * num_groups, N, n_sel).view(1, H, num_groups, n_sel)
+        out = torch.randn(1, H, N, D, device=DEV, dtype=BF16)
+        zero, ref_o = torch.zeros_like(out), None
+        for cfg in scfgs:
+            tag = (f"BM{cfg['BLOCK_M']}+{cfg['BLOCK_M1']}+{cfg['BLOCK_M2']} BN{cfg['BLOCK_N']} "
+                   f"w{cfg['num_warps']} s{cfg['num_stages']}")
+            rec("sparse", f"N{N}", tag, safe(lambda: sparse_tr.sparse_attention_delta(
+                q, k, v, scale, idx, GROUP, out, 1.0, out=out, config=cfg)), ideal)
+            try:
+                got = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, 1.0, config=cfg)
+                ref_o = got if ref_o is None else ref_o
+                print(f"   err vs first config {rel_err(got, ref_o):.1e}")
+            except Exception as e:  # noqa: BLE001
+                print("   check failed:", type(e).__name__, str(e)[:120])
+        del q, k, v, ks, vs, idx, out, zero, ref_o
+    print(f"sparse sweep done {time.time() - t0:.0f}s", flush=True)
+    dump()
+
+    # MLP: selection pieces, then mm1 and mm2 separately per config, sorted vs unsorted unit lists.
+    C, Fh = 3072, 12288
+    for N in (4608, 16896):
+        x = torch.randn(1, N, C, device=DEV, dtype=BF16)
+        w1, b1 = torch.randn(Fh, C, device=DEV, dtype=BF16) * C ** -0.5, torch.randn(Fh, device=DEV, dtype=BF16)
+        w2 = torch.randn(C, Fh, device=DEV, dtype=BF16) * Fh ** -0.5
+        dense_ms = ms(lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2), True)
+        rec("mlp", f"N{N}", "dense", dense_ms, dense_ms)
+        w2_t = w2.t().contiguous().t()
+        a_cache = torch.randn(1, Fh, N, device=DEV, dtype=BF16).transpose(1, 2)
+        y_cache = torch.randn(1, N, C, device=DEV)
+        nb = N // TOKEN_BLOCK
+        hbar_cache = torch.randn(1, nb, Fh, device=DEV)
+        rec("mlp", f"N{N}", "sel: x.float().mean", ms(lambda: x.float().view(1, nb, TOKEN_BLOCK, C).mean(dim=2), True), dense_ms)
+        rec("mlp", f"N{N}", "sel: mean(dtype=f32)", ms(lambda: x.view(1, nb, TOKEN_BLOCK, C).mean(dim=2, dtype=torch.float32), True), dense_ms)
+        means = x.view(1, nb, TOKEN_BLOCK, C).mean(dim=2, dtype=torch.float32).to(BF16)
+        rec("mlp", f"N{N}", "sel: scoring gemm", ms(lambda: F.linear(means, w1, b1), True), dense_ms)
+        hbar = F.linear(means, w1, b1).float()
+        for sp in (0.7, 0.9):
+            kk = kept(Fh, sp, 256)
+            sc = (hbar - hbar_cache).abs()
+            rec("mlp", f"N{N}", f"sel: topk k={kk}", ms(lambda: sc.topk(kk, dim=-1, sorted=False), True), dense_ms)
+            ti = sc.topk(kk, dim=-1, sorted=False).indices
+            rec("mlp", f"N{N}", f"sel: sort k={kk}", ms(lambda: ti.sort(dim=-1), True), dense_ms)
+            idx_sorted = ti.sort(dim=-1).values
+            delta = torch.empty(1, nb, TOKEN_BLOCK, kk, device=DEV, dtype=BF16)
+            args = (x, w1, b1, None, None, w2_t, "gelu_tanh")
+            for c in mlp_tr._MM1_CONFIGS + [mlp_tr._c1(128, 64, 8, 3, 8), mlp_tr._c1(128, 64, 8, 3, 1)]:
+                cfg = {"mm1": dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
+                       "mm2": mlp_tr._MM2_DEFAULT}
+                for name, idx in (("sorted", idx_sorted), ("unsorted", ti)):
+                    if name == "unsorted" and c is not mlp_tr._MM1_CONFIGS[0]:
+                        continue
+                    rec("mlp", f"N{N} sp{sp}", f"mm1 {name} {cfg['mm1']}", safe(lambda: mlp_tr._launch(
+                        *args, idx, a_cache, y_cache, TOKEN_BLOCK, cfg, run_mm2=False, delta=delta)),
+                        dense_ms * kk / Fh / 2)
+            for c in mlp_tr._MM2_CONFIGS + [mlp_tr._c2(128, 64, 8, 3, 8), mlp_tr._c2(128, 128, 8, 3), mlp_tr._c2(128, 32, 8, 5)]:
+                cfg = {"mm1": mlp_tr._MM1_DEFAULT, "mm2": dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)}
+                for name, idx in (("sorted", idx_sorted), ("unsorted", ti)):
+                    if name == "unsorted" and c is not mlp_tr._MM2_CONFIGS[0]:
+                        continue
+                    rec("mlp", f"N{N} sp{sp}", f"mm2 {name} {cfg['mm2']}", safe(lambda: mlp_tr._launch(
+                        *args, idx, a_cache, y_cache, TOKEN_BLOCK, cfg, run_mm1=False, delta=delta)),
+                        dense_ms * kk / Fh / 2)
+        del x, w1, w2, w2_t, a_cache, y_cache
+    print(f"mlp sweep done {time.time() - t0:.0f}s", flush=True)
+    dump()
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -236,11 +382,17 @@ def plot(points, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer points and shorter timing (< 2 minutes)")
+    parser.add_argument("--sweep", action="store_true", help="time every candidate kernel configuration instead")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     quick = args.quick
     gpu = torch.cuda.get_device_name()
     print(f"device {gpu}, torch {torch.__version__}, triton {triton.__version__}, quick={quick}")
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    if args.sweep:  # per-config timings only (each section prints its own error checks)
+        sweep(out_dir)
+        return
     errs = check_correctness()
     print(f"{'bench':20s} {'shape':28s} {'spars':>6s} {'dense ms':>9s} {'ours ms':>9s} {'speedup':>8s} "
           f"{'ideal ms':>9s} {'frac':>6s}")
@@ -252,8 +404,6 @@ def main():
     for n in (4608, 16896):
         bench_mlp(n, (0.7, 0.9), quick)
 
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
     path = os.path.join(out_dir, f"kernels_{tag}.json")
     with open(path, "w") as f:

@@ -1,12 +1,14 @@
 """Triton dense attention with per-query LSE and, in the same pass, the per-group column mass.
 
 Work decomposition: one program per (query tile of BLOCK_M rows, batch*head). It walks all keys in tiles of
-BLOCK_N with an online softmax (base-2 exponentials, scale folded into log2(e)), so O and the LSE are exact.
-When ``lse_prev`` is given it also computes, from the same score tile, exp(s_ij - lse_prev_i), sums it over the
-tile's rows of each 192-query group, and atomically adds the [BLOCK_N] partial column mass into
-cs[b, h, g, j]; a group's three 64-row tiles (or the rows of whatever groups a tile straddles) therefore reduce
-into one row of cs without a second pass over QK^T. Full key tiles run unmasked; only the ragged last key tile
-is masked. K/V may have fewer heads (GQA): query head h reads kv head h // (Hq // Hk).
+BLOCK_N with an online softmax (base-2 exponentials, scale folded into log2(e), P @ V accumulated in place), so
+O and the LSE are exact. When ``lse_prev`` is given it also computes the column mass from the same tile with no
+second exponential per score: exp(s_ij - lse_prev_i) = p_ij * r_i with p_ij = exp(s_ij - m_i) (already
+computed for the tile) and r_i = exp(m_i - lse_prev_i). The tile's per-group column sums r^T P are taken on the
+tensor cores as R @ P (R[16, BLOCK_M] holding r on the rows of each group the tile touches; CS_MODE 2) or with
+tl.sum (CS_MODE 1, cheaper for 64-row single-group tiles), and atomically added into cs[b, h, g, :]. Full key
+tiles run unmasked; only the ragged last key tile is masked. K/V may have fewer heads (GQA): query head h reads
+kv head h // (Hq // Hk).
 
 Same call signature and semantics as ``attention_reference.dense_attention_lse_colmass``.
 """
@@ -27,7 +29,8 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
                  stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
                  D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-                 HAS_CS: tl.constexpr, SINGLE_GROUP: tl.constexpr, PRECISION: tl.constexpr):
+                 HAS_CS: tl.constexpr, SINGLE_GROUP: tl.constexpr, MAX_G: tl.constexpr, CS_MODE: tl.constexpr,
+                 PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -39,28 +42,57 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
         k_mask = k_mask & (offs_n[None, :] < Nk)
         v_mask = v_mask & (offs_n[:, None] < Nk)
     kt = tl.load(k_ptrs, mask=k_mask, other=0.0)
-    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale          # log2 units
+    qk = tl.dot(q, kt, input_precision=PRECISION)
     if MASK_N:
-        s = tl.where(offs_n[None, :] < Nk, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        qk = tl.where(offs_n[None, :] < Nk, qk, float("-inf"))
+    # Online softmax in log2 units: one FMA (scale, subtract the running max) and one exp2 per score.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    qk = qk * qk_scale - m_new[:, None]
+    p = tl.exp2(qk)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    pv = p.to(v.dtype)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(pv, v, acc, input_precision=PRECISION)
     if HAS_CS:
-        # Probabilities under the previous step's softmax constants; padded rows carry lse=+inf -> 0.
-        pc = tl.exp2(s - lse_prev2[:, None])
-        if SINGLE_GROUP:
-            part = tl.sum(pc, 0)
-            tl.atomic_add(cs_row + (row0 // group_size) * Nk + offs_n, part, mask=offs_n < Nk, sem="relaxed")
+        # Column mass exp(s_ij - lse_prev_i) under the previous step's softmax constants. Padded rows carry
+        # lse_prev = +inf and contribute 0.
+        if CS_MODE == 0:
+            # Reference formulation: a second exponential per score.
+            pc = tl.exp2(qk + (m_new - lse_prev2)[:, None])
         else:
+            # exp(s - lse_prev) = p * exp(m - lse_prev): a per-row factor on the tile's probabilities, no extra
+            # exponential per score. The clamp keeps r finite (p <= 1, so the product stays exact).
+            r = tl.exp2(tl.minimum(m_new - lse_prev2, 126.0))
+        if CS_MODE == 2:
+            # Column sums on the tensor cores: R[16, BLOCK_M] @ P, row j of R holding r on the rows of the j-th
+            # group the tile touches (a tile touches at most 16 groups; the wrapper checks).
             g_first = row0 // group_size
+            gsel = tl.arange(0, 16)
+            in_g = (offs_m[None, :] // group_size - g_first) == gsel[:, None]
+            rmat = tl.where(in_g, r[None, :], 0.0).to(pv.dtype)
+            part = tl.dot(rmat, pv, input_precision=PRECISION)
             g_last = (tl.minimum(row0 + BLOCK_M, Nq) - 1) // group_size
-            for g in range(g_first, g_last + 1):
-                in_g = (offs_m // group_size) == g
-                part = tl.sum(tl.where(in_g[:, None], pc, 0.0), 0)
-                tl.atomic_add(cs_row + g * Nk + offs_n, part, mask=offs_n < Nk, sem="relaxed")
+            ok = ((g_first + gsel)[:, None] <= g_last) & (offs_n[None, :] < Nk)
+            tl.atomic_add(cs_row + (g_first + gsel)[:, None] * Nk + offs_n[None, :], part, mask=ok, sem="relaxed")
+        else:
+            if CS_MODE == 1:
+                pc = p * r[:, None]
+            if SINGLE_GROUP:
+                part = tl.sum(pc, 0)
+                tl.atomic_add(cs_row + (row0 // group_size) * Nk + offs_n, part, mask=offs_n < Nk, sem="relaxed")
+            else:
+                # A statically unrolled loop over the (at most MAX_G) groups the tile touches: a dynamic loop
+                # here would stop the compiler from software-pipelining the key loop.
+                g_first = row0 // group_size
+                g_last = (tl.minimum(row0 + BLOCK_M, Nq) - 1) // group_size
+                for gi in tl.static_range(MAX_G):
+                    g = g_first + gi
+                    in_g = (offs_m // group_size) == g
+                    part = tl.sum(tl.where(in_g[:, None], pc, 0.0), 0)
+                    tl.atomic_add(cs_row + g * Nk + offs_n, part, mask=(offs_n < Nk) & (g <= g_last),
+                                  sem="relaxed")
     return m_new, l_i, acc
 
 
@@ -72,7 +104,7 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
                        H, kv_group, Nq, Nk, num_groups, group_size, qk_scale,
                        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                        HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       MAX_G: tl.constexpr, CS_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -102,11 +134,13 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
-                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, False, HAS_CS, SINGLE_GROUP, PRECISION)
+                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, False, HAS_CS, SINGLE_GROUP, MAX_G, CS_MODE,
+                                     PRECISION)
     if n_full < Nk:
         m_i, l_i, acc = _attend_tile(q, k_base, v_base, n_full, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
-                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, True, HAS_CS, SINGLE_GROUP, PRECISION)
+                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, True, HAS_CS, SINGLE_GROUP, MAX_G, CS_MODE,
+                                     PRECISION)
 
     o = acc / l_i[:, None]
     o_ptrs = O + pid_bh * Nq * DV + offs_m[:, None] * DV + offs_dv[None, :]
@@ -115,15 +149,26 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
     tl.store(LSE + pid_bh * Nq + offs_m, lse, mask=m_valid)
 
 
-# A tile lies inside one query group when G is a multiple of BLOCK_M (G=192 with 64-row tiles).
-_dense_attn = triton.heuristics({"SINGLE_GROUP": lambda a: a["group_size"] % a["BLOCK_M"] == 0})(_dense_attn_kernel)
+# A tile lies inside one query group when G is a multiple of BLOCK_M (G=192 with 64-row tiles); otherwise it
+# touches at most MAX_G groups. Column-mass formulation (CS_MODE): 0 = a second exp2 per score (reference),
+# 1 = p * exp2(m - lse_prev) reduced over rows with tl.sum, 2 = the same reduced on the tensor cores (R @ P);
+# mode 2 covers at most 16 groups per tile and falls back to mode 1 beyond that.
+_dense_attn = triton.heuristics({
+    "SINGLE_GROUP": lambda a: a["group_size"] % a["BLOCK_M"] == 0,
+    "MAX_G": lambda a: (a["BLOCK_M"] - 1) // a["group_size"] + 2,
+    "CS_MODE": lambda a: 1 if a["CS_MODE"] == 2 and (a["BLOCK_M"] - 1) // a["group_size"] + 2 > 16 else a["CS_MODE"],
+})(_dense_attn_kernel)
 
+CS_MODE = 2  # for explicit configs that do not name one
 _DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# Measured on H100 (benchmarks/KERNEL_NOTES.md): the row reduction by tl.sum costs more than a second exp at
+# 128-row tiles (cross-warp shuffles and shared memory), the tensor-core reduction (mode 2) is the fastest there;
+# 64-row tiles of one group need a single tl.sum (mode 1) and are the fastest without column mass.
 _CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "CS_MODE": 2}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "CS_MODE": 2}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "CS_MODE": 1}, num_warps=4, num_stages=3),
 ]
 # CS is accumulated with atomics, so every benchmarking run of the autotuner must start from zeros.
 _dense_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "HAS_CS", "kv_group", "Nq", "Nk"],
@@ -163,5 +208,6 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
     if config is None:
         _dense_attn_tuned[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)](*args, **meta)
     else:
+        config = {"CS_MODE": CS_MODE, **config}
         _dense_attn[(triton.cdiv(Nq, config["BLOCK_M"]), B * H)](*args, **meta, **config)
     return o, lse, (cs if has_cs else None)

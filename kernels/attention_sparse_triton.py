@@ -1,15 +1,15 @@
 """Triton column-sparse attention delta: out = base + sign * P^S, P^S renormalised over each group's columns.
 
-Work decomposition: one program per (query tile, batch*head). A query tile holds M_SUB sub-tiles of BLOCK_M
-consecutive queries of one query group (the whole 192-query group as 3 x 64 with M_SUB=3, or 64/128-row tiles
-with M_SUB=1), so all its rows share the group's index list indices[b, h, g, :]. The program walks that list in
-chunks of BLOCK_N indices, gathers the K and V rows they name into dense tiles (row gathers through pointer
-arithmetic; the compiler pipelines them over num_stages) and runs an online softmax over the gathered tiles
-only, so the normaliser covers exactly the selected columns. Each gathered K/V tile feeds all M_SUB
-sub-tiles, which is why one 192-row program can beat three 64-row ones. Full index chunks run unmasked; only a
-ragged last chunk masks its tail. The epilogue reads base, adds sign * acc / l and writes out (out may alias
-base: every element is read and written by the same program). Programs of one group are adjacent in launch
-order so their K/V gathers share L2. GQA: query head h reads kv head h // (Hq // Hk).
+Work decomposition: one program per (query tile, batch*head). A query tile stacks up to three sub-tiles of
+BLOCK_M, BLOCK_M1, BLOCK_M2 consecutive queries of one query group (a 64-row tile alone; or the whole 192-query
+group as 128 + 64 or 3 x 64), so all its rows share the group's index list indices[b, h, g, :]. The program
+walks that list in chunks of BLOCK_N indices, gathers the K and V rows they name into dense tiles (row gathers
+through pointer arithmetic, cp.async-pipelined over num_stages) and runs an online softmax over the gathered
+tiles only, so the normaliser covers exactly the selected columns. Each gathered K/V tile feeds every sub-tile.
+Full index chunks run unmasked; only a ragged last chunk masks its tail. The epilogue reads base, adds
+sign * acc / l and writes out (out may alias base: every element is read and written by the same program).
+Programs of one group are adjacent in launch order so their K/V gathers share L2. GQA: query head h reads kv
+head h // (Hq // Hk). Configs may still name ``M_SUB`` (1 or 3 stacked BLOCK_M sub-tiles).
 
 Same semantics as ``attention_reference.sparse_attention_delta`` (plus an optional ``out``).
 """
@@ -36,14 +36,16 @@ def _load_rows(ptr, stride_b, stride_h, stride_n, stride_d, b, h, rows, row_end,
 @triton.jit
 def _online_softmax_step(q, kt, v, m_i, l_i, acc, col_ok, qk_scale,
                          MASK_N: tl.constexpr, PRECISION: tl.constexpr):
-    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale        # log2 units
+    qk = tl.dot(q, kt, input_precision=PRECISION)
     if MASK_N:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+    # log2 units: one FMA (scale, subtract the running max) and one exp2 per score; P @ V accumulates in place.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -51,7 +53,8 @@ def _online_softmax_step(q, kt, v, m_i, l_i, acc, col_ok, qk_scale,
 def _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel, s0, s1, s2,
                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                    M_SUB: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_k = start + tl.arange(0, BLOCK_N)
     col_ok = offs_k < n_sel
     if MASK_N:
@@ -67,9 +70,10 @@ def _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel, s0, s1, 
                 mask=offs_dv[None, :] < DV, other=0.0)
     m0, l0, a0 = s0
     s0 = _online_softmax_step(q0, kt, v, m0, l0, a0, col_ok, qk_scale, MASK_N, PRECISION)
-    if M_SUB == 3:
+    if BLOCK_M1 > 0:
         m1, l1, a1 = s1
         s1 = _online_softmax_step(q1, kt, v, m1, l1, a1, col_ok, qk_scale, MASK_N, PRECISION)
+    if BLOCK_M2 > 0:
         m2, l2, a2 = s2
         s2 = _online_softmax_step(q2, kt, v, m2, l2, a2, col_ok, qk_scale, MASK_N, PRECISION)
     return s0, s1, s2
@@ -90,6 +94,12 @@ def _store_delta(state, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd,
 
 
 @triton.jit
+def _init_state(BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
+    return (tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.float32),
+            tl.zeros([BLOCK, DV_PAD], tl.float32))
+
+
+@triton.jit
 def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT,
                         stride_qb, stride_qh, stride_qn, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -98,32 +108,39 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT,
                         stride_ob, stride_oh, stride_on, stride_od,
                         H, kv_group, Nq, num_groups, group_size, n_sel, qk_scale, sign,
                         D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                        PRECISION: tl.constexpr, M_SUB: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    # A program's query tile: sub-tiles of BLOCK_M, BLOCK_M1, BLOCK_M2 rows (0 = absent), stacked.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // kv_group
-    tiles_per_group = tl.cdiv(group_size, BLOCK_M * M_SUB)
+    tile_rows = BLOCK_M + BLOCK_M1 + BLOCK_M2
+    tiles_per_group = tl.cdiv(group_size, tile_rows)
     g = pid // tiles_per_group
-    row0 = g * group_size + (pid % tiles_per_group) * (BLOCK_M * M_SUB)
+    row0 = g * group_size + (pid % tiles_per_group) * tile_rows
     row_end = tl.minimum(g * group_size + group_size, Nq)
     rows0 = row0 + tl.arange(0, BLOCK_M)
-    rows1 = rows0 + BLOCK_M
-    rows2 = rows1 + BLOCK_M
 
     q0 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows0, row_end, D, D_PAD)
-    state0 = (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-              tl.zeros([BLOCK_M, DV_PAD], tl.float32))
-    # With M_SUB == 1 the second and third sub-tiles are never touched and compile away.
+    state0 = _init_state(BLOCK_M, DV_PAD)
+    # Absent sub-tiles are never touched and compile away.
     q1 = q0
     q2 = q0
     state1 = state0
     state2 = state0
-    if M_SUB == 3:
+    rows1 = rows0
+    rows2 = rows0
+    if BLOCK_M1 > 0:
+        rows1 = row0 + BLOCK_M + tl.arange(0, BLOCK_M1)
         q1 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows1, row_end, D, D_PAD)
+        state1 = _init_state(BLOCK_M1, DV_PAD)
+    if BLOCK_M2 > 0:
+        rows2 = row0 + BLOCK_M + BLOCK_M1 + tl.arange(0, BLOCK_M2)
         q2 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows2, row_end, D, D_PAD)
+        state2 = _init_state(BLOCK_M2, DV_PAD)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -132,31 +149,58 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT,
     for start in range(0, n_full, BLOCK_N):
         state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel,
                                                  state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                 qk_scale, D, DV, D_PAD, DV_PAD, M_SUB, BLOCK_N, False, PRECISION)
+                                                 qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, False,
+                                                 PRECISION)
     if n_full < n_sel:
         state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, n_full, n_sel,
                                                  state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                 qk_scale, D, DV, D_PAD, DV_PAD, M_SUB, BLOCK_N, True, PRECISION)
+                                                 qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, True,
+                                                 PRECISION)
 
     _store_delta(state0, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh, stride_on,
                  stride_od, b, h, rows0, row_end, sign, DV, DV_PAD)
-    if M_SUB == 3:
+    if BLOCK_M1 > 0:
         _store_delta(state1, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh,
                      stride_on, stride_od, b, h, rows1, row_end, sign, DV, DV_PAD)
+    if BLOCK_M2 > 0:
         _store_delta(state2, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh,
                      stride_on, stride_od, b, h, rows2, row_end, sign, DV, DV_PAD)
 
 
+def _normalize_config(config: dict) -> dict:
+    """Accept the older {"M_SUB": 1|3} spelling: M_SUB=3 is three stacked BLOCK_M sub-tiles."""
+    config = dict(config)
+    m_sub = config.pop("M_SUB", None)
+    if m_sub is not None:
+        assert m_sub in (1, 3), m_sub
+        extra = config["BLOCK_M"] if m_sub == 3 else 0
+        config.setdefault("BLOCK_M1", extra)
+        config.setdefault("BLOCK_M2", extra)
+    config.setdefault("BLOCK_M1", 0)
+    config.setdefault("BLOCK_M2", 0)
+    return config
+
+
+def _tile_rows(m) -> int:
+    return m["BLOCK_M"] + m["BLOCK_M1"] + m["BLOCK_M2"]
+
+
 _DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "M_SUB": 1, "num_warps": 4, "num_stages": 2}
+
+
+def _cfg(bm, bn, warps, stages, bm1=0, bm2=0):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_M1": bm1, "BLOCK_M2": bm2, "BLOCK_N": bn},
+                         num_warps=warps, num_stages=stages)
+
+
+# Measured on H100 (benchmarks/KERNEL_NOTES.md, HunyuanVideo N118800 at 93%): 64-row programs at 4 warps are the
+# fastest (34.8 ms); the 128 + 64 split, which gathers each K/V row once per 192-query group, runs at 40 ms
+# (255 registers, one program per SM); 128-row programs waste a third of their rows (55 ms).
 _CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "M_SUB": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "M_SUB": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "M_SUB": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "M_SUB": 1}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "M_SUB": 1}, num_warps=8, num_stages=2),
-    # One program per 192-group: K/V gathered once for 3 sub-tiles (spills some registers at d128 on sm_90).
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "M_SUB": 3}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "M_SUB": 3}, num_warps=8, num_stages=3),
+    _cfg(64, 64, 4, 3),
+    _cfg(64, 64, 4, 2),
+    _cfg(128, 64, 8, 3, bm1=64),
+    _cfg(128, 64, 8, 4, bm1=64),
 ]
 # The autotuner runs the kernel several times; OUT may alias BASE, so restore it after every trial.
 _sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_size", "kv_group", "Nq"],
@@ -190,9 +234,10 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG
     if config is None:
-        grid = lambda m: (num_groups * triton.cdiv(group_size, m["BLOCK_M"] * m["M_SUB"]), B * H)  # noqa: E731
+        grid = lambda m: (num_groups * triton.cdiv(group_size, _tile_rows(m)), B * H)  # noqa: E731
         _sparse_attn_tuned[grid](*args, **meta)
     else:
-        rows = config["BLOCK_M"] * config["M_SUB"]
-        _sparse_attn_kernel[(num_groups * triton.cdiv(group_size, rows), B * H)](*args, **meta, **config)
+        config = _normalize_config(config)
+        grid = (num_groups * triton.cdiv(group_size, _tile_rows(config)), B * H)
+        _sparse_attn_kernel[grid](*args, **meta, **config)
     return out

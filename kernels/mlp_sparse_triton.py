@@ -46,17 +46,32 @@ def _activation(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(pid, n_t, n_o, GROUP_T: tl.constexpr):
+    """Program order: row tiles fastest inside groups of GROUP_T row tiles (0 = all row tiles), so concurrent
+    programs share one output/unit tile column (W slab in L2) while a group's row data stays in L2 too."""
+    if GROUP_T == 0:
+        pid_t = pid % n_t
+        pid_o = pid // n_t
+    else:
+        per_group = GROUP_T * n_o
+        first_t = (pid // per_group) * GROUP_T
+        size = tl.minimum(n_t - first_t, GROUP_T)
+        pid_t = first_t + (pid % per_group) % size
+        pid_o = (pid % per_group) // size
+    return pid_t, pid_o
+
+
+@triton.jit
 def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
                     stride_xb, stride_xn, stride_xc, stride_wgf, stride_wgc, stride_wuf, stride_wuc,
                     stride_ab, stride_an, stride_af,
                     N, C, nb, n_sel, token_block,
                     HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
-                    PRECISION: tl.constexpr, EVEN_C: tl.constexpr,
+                    PRECISION: tl.constexpr, EVEN_C: tl.constexpr, FULL_T: tl.constexpr, GROUP_T: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     tiles_per_block = tl.cdiv(token_block, BLOCK_T)
+    pid_t, pid_f = _tile_coords(tl.program_id(0), nb * tiles_per_block, tl.cdiv(n_sel, BLOCK_F), GROUP_T)
     blk = pid_t // tiles_per_block
     local = (pid_t % tiles_per_block) * BLOCK_T + tl.arange(0, BLOCK_T)     # row within the token block
     rows = blk * token_block + local
@@ -73,7 +88,10 @@ def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
     acc_g = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
     acc_u = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        if EVEN_C:
+        if EVEN_C and FULL_T:
+            x = tl.load(x_ptrs)
+            wg = tl.load(wg_ptrs)
+        elif EVEN_C:
             x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
             wg = tl.load(wg_ptrs)
         else:
@@ -114,12 +132,12 @@ def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
 def _mlp_mm2_kernel(DELTA, IDX, W2, Y,
                     stride_w2o, stride_w2f, stride_yb, stride_yn, stride_yo,
                     N, Dout, nb, n_sel, token_block,
-                    PRECISION: tl.constexpr,
+                    PRECISION: tl.constexpr, GROUP_T: tl.constexpr, FULL_T: tl.constexpr,
+                    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     tiles_per_block = tl.cdiv(token_block, BLOCK_T)
+    pid_t, pid_d = _tile_coords(tl.program_id(0), nb * tiles_per_block, tl.cdiv(Dout, BLOCK_D), GROUP_T)
     blk = pid_t // tiles_per_block
     local = (pid_t % tiles_per_block) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = blk * token_block + local
@@ -130,13 +148,20 @@ def _mlp_mm2_kernel(DELTA, IDX, W2, Y,
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    d_base = DELTA + sel_base * token_block + local[:, None] * n_sel
     for k0 in range(0, n_sel, BLOCK_K):
-        k_ok = (k0 + offs_k) < n_sel
-        # Masked tail units read W2 column 0 (valid memory) and meet zero deltas.
-        units = tl.load(IDX + sel_base + k0 + offs_k, mask=k_ok, other=0).to(tl.int64)
-        d = tl.load(DELTA + sel_base * token_block + local[:, None] * n_sel + (k0 + offs_k)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W2 + units[:, None] * stride_w2f + offs_o[None, :] * stride_w2o, mask=o_ok[None, :], other=0.0)
+        if EVEN_K and FULL_T and EVEN_D:
+            # Unmasked loads in the common case (full token blocks, K and Dout multiples of the tiles).
+            units = tl.load(IDX + sel_base + k0 + offs_k).to(tl.int64)
+            d = tl.load(d_base + (k0 + offs_k)[None, :])
+            w = tl.load(W2 + units[:, None] * stride_w2f + offs_o[None, :] * stride_w2o)
+        else:
+            k_ok = (k0 + offs_k) < n_sel
+            # Masked tail units read W2 column 0 (valid memory) and meet zero deltas.
+            units = tl.load(IDX + sel_base + k0 + offs_k, mask=k_ok, other=0).to(tl.int64)
+            d = tl.load(d_base + (k0 + offs_k)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W2 + units[:, None] * stride_w2f + offs_o[None, :] * stride_w2o, mask=o_ok[None, :],
+                        other=0.0)
         acc = tl.dot(d, w, acc, input_precision=PRECISION)
 
     y_ptrs = Y + b * stride_yb + rows[:, None] * stride_yn + offs_o[None, :] * stride_yo
@@ -145,25 +170,52 @@ def _mlp_mm2_kernel(DELTA, IDX, W2, Y,
     tl.store(y_ptrs, y + acc, mask=mask)
 
 
-_MM1_DEFAULT = {"BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 2}
-_MM2_DEFAULT = {"BLOCK_D": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
-# 256-wide tiles spill at 8 warps on sm_90, so tiles stay at 128 x 128.
+_MM1_DEFAULT = {"BLOCK_F": 32, "BLOCK_C": 32, "GROUP_T": 0, "num_warps": 4, "num_stages": 2}
+_MM2_DEFAULT = {"BLOCK_D": 32, "BLOCK_K": 32, "GROUP_T": 0, "num_warps": 4, "num_stages": 2}
+
+
+def _full_t(a) -> bool:
+    """Every row tile lies inside the sequence and inside its token block: no row masks in the main loops."""
+    return a["token_block"] % a["BLOCK_T"] == 0 and a["N"] % a["token_block"] == 0
+
+
+def _c1(bf, bc, warps, stages, group_t=0):
+    return triton.Config({"BLOCK_F": bf, "BLOCK_C": bc, "GROUP_T": group_t}, num_warps=warps, num_stages=stages)
+
+
+def _c2(bd, bk, warps, stages, group_t=0):
+    return triton.Config({"BLOCK_D": bd, "BLOCK_K": bk, "GROUP_T": group_t}, num_warps=warps, num_stages=stages)
+
+
+# Measured on H100 (benchmarks/KERNEL_NOTES.md): 128 x 256 mm1 tiles win at every shape; mm2 prefers 128 x 128
+# tiles at 4 warps or 128 x 256 at 8; grouping row tiles (GROUP_T) keeps a group's activations in L2.
 _MM1_CONFIGS = [
-    triton.Config({"BLOCK_F": 128, "BLOCK_C": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_F": 128, "BLOCK_C": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_F": 128, "BLOCK_C": 32}, num_warps=8, num_stages=5),
-    triton.Config({"BLOCK_F": 64, "BLOCK_C": 64}, num_warps=4, num_stages=4),
+    _c1(256, 64, 8, 3),
+    _c1(256, 64, 8, 3, 8),
+    _c1(256, 64, 8, 3, 32),
+    _c1(128, 64, 8, 4, 8),
 ]
 _MM2_CONFIGS = [
-    triton.Config({"BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=5),
-    triton.Config({"BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    _c2(128, 64, 4, 4),
+    _c2(128, 64, 4, 4, 32),
+    _c2(256, 64, 8, 3),
+    _c2(256, 64, 8, 3, 32),
+    _c2(128, 64, 4, 3, 8),
 ]
-_mm1 = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_C"] == 0})(_mlp_mm1_kernel)
+_mm1 = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_C"] == 0, "FULL_T": _full_t})(_mlp_mm1_kernel)
+_mm2 = triton.heuristics({"FULL_T": _full_t, "EVEN_K": lambda a: a["n_sel"] % a["BLOCK_K"] == 0,
+                          "EVEN_D": lambda a: a["Dout"] % a["BLOCK_D"] == 0})(_mlp_mm2_kernel)
 # mm1 mutates a_cache and mm2 accumulates into y_cache: every autotuning trial must see the original values.
 _mm1_tuned = triton.autotune(_MM1_CONFIGS, key=["N", "C", "n_sel", "GATED", "BLOCK_T"], restore_value=["ACACHE"])(_mm1)
-_mm2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "Dout", "n_sel", "BLOCK_T"], restore_value=["Y"])(_mlp_mm2_kernel)
+_mm2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "Dout", "n_sel", "BLOCK_T"], restore_value=["Y"])(_mm2)
+
+
+def _grid1(grid_t, n_sel, B):
+    return lambda m: (grid_t * triton.cdiv(n_sel, m["BLOCK_F"]), B)
+
+
+def _grid2(grid_t, dout, B):
+    return lambda m: (grid_t * triton.cdiv(dout, m["BLOCK_D"]), B)
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices, a_cache, y_cache,
@@ -173,6 +225,12 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
     ``config`` = {"mm1": {...}, "mm2": {...}} forces launch configurations (tests); by default the GPU
     autotunes and the interpreter uses small fixed configurations.
     """
+    _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config)
+
+
+def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
+            run_mm1=True, run_mm2=True, delta=None):
+    """Both GEMMs (or one of them, for benchmarks: ``delta`` then carries mm1's output between calls)."""
     B, N, C = x.shape
     nb, n_sel = indices.shape[1], indices.shape[2]
     Dout = w2.shape[0]
@@ -180,7 +238,8 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
     assert a_cache.shape == (B, N, w_gate.shape[0]) and y_cache.shape == (B, N, Dout)
     assert y_cache.dtype == torch.float32
     indices = indices.contiguous()
-    delta = torch.empty((B, nb, token_block, n_sel), dtype=x.dtype, device=x.device)
+    if delta is None:
+        delta = torch.empty((B, nb, token_block, n_sel), dtype=x.dtype, device=x.device)
     gated = w_up is not None
     block_t = min(128, max(16, triton.next_power_of_2(token_block)))
     grid_t = nb * triton.cdiv(token_block, block_t)
@@ -196,9 +255,15 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
     if config is None and _INTERPRET:
         config = {"mm1": _MM1_DEFAULT, "mm2": _MM2_DEFAULT}
     if config is None:
-        _mm1_tuned[lambda m: (grid_t, triton.cdiv(n_sel, m["BLOCK_F"]), B)](*mm1_args, **mm1_meta)
-        _mm2_tuned[lambda m: (grid_t, triton.cdiv(Dout, m["BLOCK_D"]), B)](*mm2_args, **mm2_meta)
+        if run_mm1:
+            _mm1_tuned[_grid1(grid_t, n_sel, B)](*mm1_args, **mm1_meta)
+        if run_mm2:
+            _mm2_tuned[_grid2(grid_t, Dout, B)](*mm2_args, **mm2_meta)
     else:
-        c1, c2 = config["mm1"], config["mm2"]
-        _mm1[(grid_t, triton.cdiv(n_sel, c1["BLOCK_F"]), B)](*mm1_args, **mm1_meta, **c1)
-        _mlp_mm2_kernel[(grid_t, triton.cdiv(Dout, c2["BLOCK_D"]), B)](*mm2_args, **mm2_meta, **c2)
+        c1 = {"GROUP_T": 0, **config["mm1"]}
+        c2 = {"GROUP_T": 0, **config["mm2"]}
+        if run_mm1:
+            _mm1[_grid1(grid_t, n_sel, B)(c1)](*mm1_args, **mm1_meta, **c1)
+        if run_mm2:
+            _mm2[_grid2(grid_t, Dout, B)(c2)](*mm2_args, **mm2_meta, **c2)
+    return delta

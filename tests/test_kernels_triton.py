@@ -75,6 +75,13 @@ DENSE_CASES = [
     (2, 2, 2, 385, 16, 32, 192, torch.float32, None),
     (1, 2, 1, 150, 16, 16, 32, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}),
     (1, 1, 1, 100, 24, 24, 48, torch.float32, {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}),
+    # Column-mass formulations: a second exp per score (0) and the tensor-core reduction over rows (2).
+    (1, 2, 1, 150, 16, 16, 32, torch.float16,
+     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "CS_MODE": 0}),
+    (2, 2, 2, 385, 16, 32, 192, torch.float32,
+     {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "CS_MODE": 2}),
+    (1, 1, 1, 100, 24, 24, 16, torch.float16,
+     {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "CS_MODE": 2}),
 ]
 
 
@@ -115,6 +122,11 @@ SPARSE_CASES = [
      {"BLOCK_M": 64, "BLOCK_N": 32, "M_SUB": 3, "num_warps": 4, "num_stages": 1}),
     (1, 1, 1, 200, 16, 16, 192, 77, torch.float32, torch.int32,
      {"BLOCK_M": 128, "BLOCK_N": 32, "M_SUB": 1, "num_warps": 4, "num_stages": 1}),
+    # The 192-query group as one 128-row and one 64-row sub-tile (the H100 configuration).
+    (1, 2, 1, 500, 16, 16, 192, 90, torch.float16, torch.int32,
+     {"BLOCK_M": 128, "BLOCK_M1": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}),
+    (1, 1, 1, 100, 16, 16, 48, 33, torch.float32, torch.int64,
+     {"BLOCK_M": 32, "BLOCK_M1": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}),
 ]
 
 
@@ -158,6 +170,13 @@ MLP_CASES = [
     (2, 45, 48, 64, 40, 16, 20, "gelu_tanh", False, torch.float16, False,
      {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
       "mm2": {"BLOCK_D": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}}),
+    # Full token blocks and tile-multiple K / Dout: the unmasked main loops.
+    (1, 64, 32, 64, 32, 16, 32, "gelu_tanh", False, torch.float32, True, None),
+    (2, 64, 32, 64, 32, 32, 32, "silu", True, torch.float16, True, None),
+    # Grouped program order (row tiles fastest inside groups of 2 row tiles).
+    (2, 100, 48, 64, 40, 16, 20, "gelu_tanh", True, torch.float32, True,
+     {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "GROUP_T": 2, "num_warps": 4, "num_stages": 1},
+      "mm2": {"BLOCK_D": 16, "BLOCK_K": 16, "GROUP_T": 3, "num_warps": 4, "num_stages": 1}}),
 ]
 
 
