@@ -19,10 +19,8 @@ explicitly, written to sweep.json; see benchmarks/KERNEL_NOTES.md)
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +28,11 @@ import triton
 from triton.testing import do_bench
 
 
-def _import(name):
-    try:
-        return importlib.import_module(f"chipmunk_compile.kernels.{name}")
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return importlib.import_module(f"kernels.{name}")
-
-
-attn_ref = _import("attention_reference")
-mlp_ref = _import("mlp_reference")
-dense_tr = _import("attention_dense_triton")
-sparse_tr = _import("attention_sparse_triton")
-mlp_tr = _import("mlp_sparse_triton")
+from chipmunk_compile.kernels import attention_dense_triton as dense_tr  # noqa: E402
+from chipmunk_compile.kernels import attention_reference as attn_ref  # noqa: E402
+from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
+from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
+from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16

@@ -155,19 +155,18 @@ class ChipmunkOptions:
             fail("dump_dir", "a folder path (str) or None")
 
     # --- schedules -----------------------------------------------------------------------------------------
-    def attention_dense_at(self, step: int) -> bool:
+    def _dense_at(self, step: int, explicit, warmup: int, every: int) -> bool:
         if self.mode == "dense":
             return True
-        if self.attn_dense_steps is not None:
-            return step in self.attn_dense_steps
-        return step < self.attn_warmup_steps or (self.attn_dense_every > 0 and step % self.attn_dense_every == 0)
+        if explicit is not None:
+            return step in explicit
+        return step < warmup or (every > 0 and step % every == 0)
+
+    def attention_dense_at(self, step: int) -> bool:
+        return self._dense_at(step, self.attn_dense_steps, self.attn_warmup_steps, self.attn_dense_every)
 
     def mlp_dense_at(self, step: int) -> bool:
-        if self.mode == "dense":
-            return True
-        if self.mlp_dense_steps is not None:
-            return step in self.mlp_dense_steps
-        return step < self.mlp_warmup_steps or (self.mlp_dense_every > 0 and step % self.mlp_dense_every == 0)
+        return self._dense_at(step, self.mlp_dense_steps, self.mlp_warmup_steps, self.mlp_dense_every)
 
     def mlp_refresh_at(self, step: int) -> bool:
         return step < self.mlp_refresh_until or step % self.mlp_refresh_every == 0

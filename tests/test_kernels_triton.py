@@ -9,8 +9,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
 
-import importlib
-import sys
 
 import pytest
 import torch
@@ -21,19 +19,11 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _import(name):
-    try:
-        return importlib.import_module(f"chipmunk_compile.kernels.{name}")
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return importlib.import_module(f"kernels.{name}")
-
-
-attn_ref = _import("attention_reference")
-mlp_ref = _import("mlp_reference")
-dense_tr = _import("attention_dense_triton")
-sparse_tr = _import("attention_sparse_triton")
-mlp_tr = _import("mlp_sparse_triton")
+from chipmunk_compile.kernels import attention_dense_triton as dense_tr  # noqa: E402
+from chipmunk_compile.kernels import attention_reference as attn_ref  # noqa: E402
+from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
+from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
+from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3}
 
