@@ -85,10 +85,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     o, lse, colmass = dense_fn(q, k, v, scale, lse_prev, group)
     if plan == "dense_select":
         num_keys = k.shape[2]
-        forced = None
-        if static_end > static_start:
-            forced = torch.zeros(num_keys, dtype=torch.bool, device=q.device)
-            forced[static_start:static_end] = True
+        forced = (static_start, static_end) if static_end > static_start else None
         num_top, num_random, _ = attention_selection_counts(num_keys, static_end - static_start, opts)
         indices[inv].copy_(select_topk_with_random(colmass, num_top, num_random, forced,
                                                               rt.generator(site_index, q.device)))

@@ -1,6 +1,6 @@
 """Torch reference for top-k selection with a random extra fraction and forced (static) entries.
 
-``select_topk_with_random(scores [B, ..., N], num_top, num_random, forced_mask [N] or None, generator)``
+``select_topk_with_random(scores [B, ..., N], num_top, num_random, forced (start, end) or None, generator)``
 returns int64 indices [..., K], K = n_forced + num_top + num_random (clipped to N), in no particular order
 (the kernels gather in any order; sorting cost more than it saved): every forced entry, then the ``num_top`` highest-scoring remaining entries, then ``num_random``
 uniformly random entries among the rest. The random draw is the same for every sample of the batch (one draw
@@ -17,15 +17,16 @@ def selection_size(n: int, num_top: int, num_random: int, num_forced: int) -> in
 
 
 def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
-                            forced_mask: torch.Tensor | None, generator: torch.Generator | None):
+                            forced: tuple[int, int] | None, generator: torch.Generator | None):
+    # The forced entries are a static range, so their count is known without reading the device (no sync).
     n = scores.shape[-1]
-    num_forced = 0 if forced_mask is None else int(forced_mask.sum())
+    num_forced = 0 if forced is None else forced[1] - forced[0]
     k_total = selection_size(n, num_top, num_random, num_forced)
     if k_total == n:
         return torch.arange(n, device=scores.device).expand(*scores.shape[:-1], n).contiguous()
     s = scores.float().clone()
-    if forced_mask is not None:
-        s[..., forced_mask] = float("inf")
+    if forced is not None:
+        s[..., forced[0]:forced[1]] = float("inf")
     num_top_total = min(n, num_forced + num_top)
     num_random = k_total - num_top_total
     top = torch.topk(s, num_top_total, dim=-1, sorted=False).indices

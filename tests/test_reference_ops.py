@@ -95,8 +95,7 @@ def test_block_mean_preactivation_equals_mean_of_preactivation():
 
 def test_selection_forced_top_random():
     scores = torch.tensor([[[0.0, 5.0, 1.0, 4.0, 3.0, 2.0, 0.5, 0.1]]])
-    forced = torch.zeros(8, dtype=torch.bool)
-    forced[7] = True
+    forced = (7, 8)
     idx = select_topk_with_random(scores, 2, 1, forced, torch.Generator().manual_seed(0))
     assert idx.shape == (1, 1, 4)
     chosen = set(idx[0, 0].tolist())
