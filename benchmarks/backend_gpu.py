@@ -84,8 +84,16 @@ def part1():
     with torch.no_grad():
         eager = [model(**inp)[0] for inp in seq]
     base = {"first_dense_layers": 0}
-    check("dense mode vs eager", model, seq, eager, 2e-2, options={**base, "mode": "dense"})
-    check("all selected vs eager", model, seq, eager, 3e-2,
+    # Noise floor: plain Inductor vs eager in bf16 (fusions round differently); exact checks are held to it.
+    torch._dynamo.reset()
+    plain = torch.compile(model)
+    with torch.no_grad():
+        floor = max(rel(plain(**inp)[0], e) for inp, e in zip(seq, eager))
+    RESULTS["noise_floor_inductor_vs_eager"] = floor
+    print(f"noise floor (plain inductor vs eager, bf16): {floor:.2e}")
+    limit = 1.5 * floor + 1e-3
+    check("dense mode vs eager", model, seq, eager, limit, options={**base, "mode": "dense"})
+    check("all selected vs eager", model, seq, eager, limit,
           options={**base, "attn_sparsity": 0.0, "mlp_sparsity": 0.0, "attn_random_fraction": 0.0,
                    "mlp_random_fraction": 0.0})
     default = check("default chipmunk vs eager", model, seq, eager, None, options=base)
@@ -108,25 +116,31 @@ def step_times(fn, inp, steps, warm):
     return times[warm:]
 
 
-def part2():
+def part2(torch_mode=None):
+    """Plain Inductor vs chipmunk, both compiled with the same torch.compile mode."""
     model = flux(24, 128, 2, 4, text_dim=4096)
     inp = inputs(64, 512, text_dim=4096)
+    mode_kw = {} if torch_mode is None else {"mode": torch_mode}
     torch._dynamo.reset()
     t0 = time.perf_counter()
-    plain = torch.compile(model)
+    plain = torch.compile(model, **mode_kw)
     dense_ms = statistics.median(step_times(plain, inp, 12, 2))
     compile_plain = time.perf_counter() - t0
     torch._dynamo.reset()
     chipmunk_compile.reset()
     t0 = time.perf_counter()
-    ours = torch.compile(model, backend="chipmunk", options={"first_dense_layers": 0, "num_steps": 50})
+    # A custom backend gets either mode or options: CUDA graphs are asked for through the cudagraphs option.
+    ours = torch.compile(model, backend="chipmunk", options={"first_dense_layers": 0, "num_steps": 50,
+                                                             "cudagraphs": torch_mode == "reduce-overhead"})
     times = step_times(ours, inp, 50, 0)  # a whole generation: step i of the schedule is call i
     compile_ours = time.perf_counter() - t0
     times2 = step_times(ours, inp, 50, 0)  # second generation, everything compiled
     opts = chipmunk_compile.ChipmunkOptions(num_steps=50)
     dense_steps = [t for s, t in enumerate(times2) if opts.attention_dense_at(s) or opts.mlp_dense_at(s)]
     sparse_steps = [t for s, t in enumerate(times2) if not (opts.attention_dense_at(s) or opts.mlp_dense_at(s))]
-    row = dict(model="flux-width 3072, 2 double + 4 single, 4096+512 tokens, bf16", dense_inductor_ms=dense_ms,
+    row = dict(model="flux-width 3072, 2 double + 4 single, 4096+512 tokens, bf16",
+               torch_compile_mode=torch_mode or "default",
+               first_dense_layers=0, dense_inductor_ms=dense_ms,
                chipmunk_dense_step_ms=statistics.median(dense_steps),
                chipmunk_sparse_step_ms=statistics.median(sparse_steps),
                chipmunk_schedule_mean_ms=sum(times2) / len(times2),
@@ -143,6 +157,7 @@ def main():
     RESULTS.update(device=gpu, torch=torch.__version__, triton=triton.__version__)
     part1()
     part2()
+    part2("reduce-overhead")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()

@@ -102,7 +102,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, 
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
     patches = {}
-    if torch_mode in ("reduce-overhead", "max-autotune"):
+    if options.cudagraphs or torch_mode in ("reduce-overhead", "max-autotune"):
         patches["triton.cudagraphs"] = True
     if torch_mode in ("max-autotune", "max-autotune-no-cudagraphs"):
         patches["max_autotune"] = True

@@ -49,6 +49,8 @@ OPTION_DOCS: dict[str, str] = {
     "seed": "Seed of the random column/unit choice (deterministic per site, step and sample).",
     "kernels": "'auto': Triton on CUDA, torch reference elsewhere; 'torch': always the reference; 'triton': "
                "always Triton (CPU only under TRITON_INTERPRET=1).",
+    "cudagraphs": "Run the Inductor part under CUDA graphs, as torch.compile(mode='reduce-overhead') does (a "
+                  "custom backend cannot receive mode and options together); the chipmunk ops run between graphs.",
     "inner_backend": "Compiler for the rewritten graph: 'inductor', or 'aot_eager' / 'eager' for debugging.",
     "dump_dir": "Write FX code before/after, the site report (JSON) and a picture of the rewritten region per "
                 "compiled graph into this folder (also from env CHIPMUNK_DUMP_DIR).",
@@ -83,6 +85,7 @@ class ChipmunkOptions:
     invocations_per_step: int = 1
     seed: int = 0
     kernels: str = "auto"
+    cudagraphs: bool = False
     inner_backend: str = "inductor"
     dump_dir: str | None = None
 
@@ -148,7 +151,7 @@ class ChipmunkOptions:
             if steps is not None and (not steps or not all(isinstance(s, int) and not isinstance(s, bool)
                                                             and s >= 0 for s in steps) or steps[0] != 0):
                 fail(key, "a non-empty list of integers >= 0 that contains step 0")
-        for key in ("attn_recompute_mask", "sparsify_attention", "sparsify_mlp"):
+        for key in ("attn_recompute_mask", "sparsify_attention", "sparsify_mlp", "cudagraphs"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "True or False")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
