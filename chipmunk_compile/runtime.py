@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import weakref
 
 import torch
 
 from chipmunk_compile.options import ChipmunkOptions
+
+log = logging.getLogger("chipmunk_compile")
 
 
 @dataclasses.dataclass
@@ -105,6 +108,8 @@ _active: dict[frozenset, int] = {}
 def activate(rt: GraphRuntime) -> None:
     if _active.get(rt.weight_ptrs) != rt.id:
         if rt.calls:
+            log.info("chipmunk: graph %d restarts from dense steps: another graph of the same model ran since "
+                     "its last call (new resolution/batch, or cond/uncond calls of different shapes)", rt.id)
             rt.reset()
         _active[rt.weight_ptrs] = rt.id
 
