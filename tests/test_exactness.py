@@ -26,7 +26,7 @@ def test_dense_mode_equals_plain_inductor():
         assert rel_err(a, b) < 1e-5, (step, rel_err(a, b))
 
 
-@pytest.mark.parametrize("name", ["flux", "plain_dit", "wan", "sd3"])
+@pytest.mark.parametrize("name", MODELS)
 def test_all_columns_and_units_selected_equals_dense(name):
     """attn/mlp sparsity 0 and no random extras: every sparse step selects everything, so it is exact."""
     model, make_inputs = tiny_models.FACTORIES[name]()
@@ -38,7 +38,9 @@ def test_all_columns_and_units_selected_equals_dense(name):
     for step, (a, b) in enumerate(zip(outs, eager)):
         assert rel_err(a, b) < 2e-5, (name, step, rel_err(a, b))
     counters = newest_runtimes(before)[0].site_counters
-    assert counters.get("attention:sparse", 0) > 0 and counters.get("mlp:sparse", 0) > 0, counters
+    assert counters.get("mlp:sparse", 0) > 0, counters
+    has_attention_sites = any(k.startswith("attention:") for k in counters)  # none in HunyuanVideo (masked)
+    assert counters.get("attention:sparse", 0) > 0 or not has_attention_sites, counters
 
 
 def test_dense_steps_exact_and_sparse_steps_differ():
