@@ -175,6 +175,11 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     options = ChipmunkOptions.from_dict(kwargs.get("options"))
     torch_mode = kwargs.get("mode")
     _keep_shapes_static()
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        _warn("chipmunk: the model was called with gradients enabled; the delta caches are inference-only, so "
+              f"this graph runs plain {options.inner_backend}. Call the model under torch.no_grad() or "
+              "torch.inference_mode().")
+        return inner_compile(gm, example_inputs, options, torch_mode)
     compiled, rt = _build(gm, example_inputs, options, torch_mode)
     if rt is None:
         return compiled

@@ -72,7 +72,7 @@ def test_unsupported_dtype_stays_dense_with_warning():
     model, make_inputs = tiny_models.plain_dit()
     model = model.double()
     inputs = {k: v.double() for k, v in make_inputs().items()}
-    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="unsupported dtype"):
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="unsupported dtype"), torch.no_grad():
         out = compile_chipmunk(model)(**inputs)
     assert rel_err(out, model(**inputs)) < 1e-10
 
@@ -107,7 +107,7 @@ def test_explain_report_prints_a_table():
 
 def test_logging_under_package_logger(caplog):
     model, make_inputs = tiny_models.plain_dit()
-    with caplog.at_level("INFO", logger="chipmunk_compile"):
+    with caplog.at_level("INFO", logger="chipmunk_compile"), torch.no_grad():
         compile_chipmunk(model)(**make_inputs())
     assert any("sites rewritten" in r.message for r in caplog.records if r.name == "chipmunk_compile")
 
@@ -129,3 +129,21 @@ def test_readme_documents_every_option():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     missing = [f.name for f in dataclasses.fields(ChipmunkOptions) if f"`{f.name}`" not in readme]
     assert not missing, f"README options table lacks {missing}; regenerate with scripts/options_table.py"
+
+
+def test_grad_mode_runs_plain_with_a_clear_warning():
+    model, make_inputs = tiny_models.plain_dit()
+    inputs = make_inputs()
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="torch.no_grad"):
+        out = compile_chipmunk(model)(**inputs)
+    assert rel_err(out, model(**inputs)) < 1e-5
+
+
+def test_inference_mode_works():
+    model, make_inputs = tiny_models.plain_dit()
+    compiled = compile_chipmunk(model, attn_sparsity=0.0, mlp_sparsity=0.0, attn_random_fraction=0.0,
+                                mlp_random_fraction=0.0)
+    with torch.inference_mode():
+        for step in range(3):
+            inputs = make_inputs(step=step)
+            assert rel_err(compiled(**inputs), model(**inputs)) < 1e-5
