@@ -4,8 +4,8 @@
       Dynamo FX graph ──copy──► detect sites (passes/detect_*) ─► layers, first_dense_layers
                                  ─► rewrite each accepted site into torch.ops.chipmunk.* + cache buffers
                                  ─► inner compiler (Inductor by default)
-      returned callable: checks it runs for the module it was compiled for, calls the compiled graph,
-      advances the step counter of this graph's GraphRuntime.
+      returned callable: picks the compiled copy of the module instance it is called for (Dynamo shares one
+      graph between instances of a class), calls it, advances the step counter of that copy's GraphRuntime.
 
 If analysis, rewrite or the inner compile of the rewritten graph raises, the original graph is compiled
 plainly and one warning says why. Bad options raise immediately (they are the user's to fix).
@@ -56,7 +56,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions) -> list[Site]:
     sites = find_attention_sites(gm.graph) + find_mlp_sites(gm.graph)
-    sites.sort(key=lambda s: _node_order(gm.graph)[s.nodes["out"]])
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    sites.sort(key=lambda s: order[s.nodes["out"]])
     assign_layers(gm.graph, sites)
     for site in sites:
         if site.reason:
@@ -68,10 +69,6 @@ def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions) -> list[Site]:
         elif site.layer is not None and site.layer < options.first_dense_layers:
             site.reason = f"layer {site.layer} < first_dense_layers={options.first_dense_layers}"
     return sites
-
-
-def _node_order(graph: fx.Graph) -> dict:
-    return {node: i for i, node in enumerate(graph.nodes)}
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list[Site], runtime_id: int, options: ChipmunkOptions,
