@@ -133,14 +133,27 @@ def _module_weight_ptrs(model) -> set[int]:
     return {p.data_ptr() for p in module.parameters()} | {b.data_ptr() for b in module.buffers()}
 
 
+def _runtimes_of(model) -> list[GraphRuntime]:
+    runtimes = live_runtimes()
+    if model is not None:
+        ptrs = _module_weight_ptrs(model)
+        runtimes = [rt for rt in runtimes if rt.weight_ptrs & ptrs]
+    return runtimes
+
+
+def stats(model=None) -> list[dict]:
+    """What each compiled graph of ``model`` (all models when None) has done: the next step and invocation,
+    how often each plan ran (e.g. 'attention:sparse', 'mlp:sparse_refresh'), sites rewritten, cache memory."""
+    return [{"graph": rt.id, "step": rt.step, "invocation": rt.invocation, "plans": dict(rt.site_counters),
+             "sites_rewritten": sum(r.rewritten for r in getattr(rt, "site_records", [])),
+             "cache_mib": getattr(rt, "state_bytes", 0) / 2**20} for rt in _runtimes_of(model)]
+
+
 def reset(model=None) -> int:
     """Start a new generation: clear the cache state of every graph compiled from ``model`` (all models when
     None). Returns how many compiled graphs were reset."""
     with _lock:
-        runtimes = live_runtimes()
-        if model is not None:
-            ptrs = _module_weight_ptrs(model)
-            runtimes = [rt for rt in runtimes if rt.weight_ptrs & ptrs]
+        runtimes = _runtimes_of(model)
         for rt in runtimes:
             rt.reset()
         return len(runtimes)

@@ -24,6 +24,9 @@ def test_reset_by_call_num_steps_and_explicit_reset():
     assert rel_err(outs[2], ref[2]) > 1e-5          # a sparse step
     assert rel_err(outs[4], ref[4]) < 1e-5          # call 5 = step 0 of the next generation: dense
     assert rt.step == 1
+    (info,) = [g for g in chipmunk_compile.stats(model) if g["graph"] == rt.id]
+    assert info["step"] == 1 and info["plans"]["attention:sparse"] == 2 * 2  # steps 2, 3 × 2 attention sites
+    assert info["sites_rewritten"] == 5 and info["cache_mib"] > 0
     assert chipmunk_compile.reset(model) >= 1
     assert rt.calls == 0
     assert rel_err(first_output(compiled(**inputs[5])), first_output(model(**inputs[5]))) < 1e-5
