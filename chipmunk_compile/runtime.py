@@ -43,6 +43,8 @@ class GraphRuntime:
         self.calls = 0
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
+        self.site_records: list = []      # filled by the backend after the rewrite
+        self.state_bytes = 0
         self._generators: dict[torch.device, torch.Generator] = {}
         self._derived: dict = {}
         _RUNTIMES[self.id] = self
@@ -145,8 +147,8 @@ def stats(model=None) -> list[dict]:
     """What each compiled graph of ``model`` (all models when None) has done: the next step and invocation,
     how often each plan ran (e.g. 'attention:sparse', 'mlp:sparse_refresh'), sites rewritten, cache memory."""
     return [{"graph": rt.id, "step": rt.step, "invocation": rt.invocation, "plans": dict(rt.site_counters),
-             "sites_rewritten": sum(r.rewritten for r in getattr(rt, "site_records", [])),
-             "cache_mib": getattr(rt, "state_bytes", 0) / 2**20} for rt in _runtimes_of(model)]
+             "sites_rewritten": sum(r.rewritten for r in rt.site_records),
+             "cache_mib": rt.state_bytes / 2**20} for rt in _runtimes_of(model)]
 
 
 def reset(model=None) -> int:

@@ -53,10 +53,6 @@ def choose_plan(rt, flags) -> str:
     return "sparse"
 
 
-def _expand_kv_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return t if t.shape[1] == num_heads else t.repeat_interleave(num_heads // t.shape[1], dim=1)
-
-
 # cudagraph_unsafe: the plan is chosen on the host at every call, so CUDA graphs must not capture it;
 # Inductor partitions the graph around the op and graphs the rest.
 @torch.library.custom_op("chipmunk::attention", mutates_args=("o_cache", "lse_cache", "indices"),
@@ -74,7 +70,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
 
     opts, inv = rt.options, rt.invocation
     group = opts.attn_query_group
-    k, v = _expand_kv_heads(k, q.shape[1]), _expand_kv_heads(v, q.shape[1])
     dense_fn = implementation("dense_attention_lse_colmass", opts.kernels, q.device)
     delta_fn = implementation("sparse_attention_delta", opts.kernels, q.device)
 

@@ -1,7 +1,7 @@
 """Torch reference for the attention delta-cache math (the CPU path and the oracle for the Triton kernels).
 
-All functions take attention-layout tensors ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]``
-(K/V heads already expanded to the query heads) and compute in float32 (float64 in, float64 out), returning
+All functions take attention-layout tensors ``q [B, H, Nq, D]``, ``k [B, Hk, Nk, D]``, ``v [B, Hk, Nk, Dv]``
+(GQA: Hk divides H and query head h reads kv head h // (H // Hk), as SDPA's enable_gqa) and compute in float32 (float64 in, float64 out), returning
 results in the input dtype where a result is an activation.
 
 Query groups: queries ``[g*G, (g+1)*G)`` form group ``g``; the last group may be shorter (ragged N).
@@ -23,10 +23,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _match_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return t if t.shape[1] == num_heads else t.repeat_interleave(num_heads // t.shape[1], dim=1)
+
+
 def dense_attention_with_lse(q, k, v, scale: float):
     """Exact attention; returns (o in q.dtype, lse float32 [B, H, Nq])."""
     cd = _compute_dtype(q)
-    kc, vc = k.to(cd), v.to(cd)
+    kc, vc = _match_heads(k, q.shape[1]).to(cd), _match_heads(v, q.shape[1]).to(cd)
     outs, lses = [], []
     for start in range(0, q.shape[2], _QUERY_CHUNK):
         s = torch.matmul(q[:, :, start:start + _QUERY_CHUNK].to(cd), kc.transpose(-2, -1)) * scale
@@ -42,7 +46,7 @@ def column_mass(q, k, scale: float, lse_prev: torch.Tensor, group_size: int):
     cd = _compute_dtype(q)
     B, H, Nq, _ = q.shape
     num_groups = -(-Nq // group_size)
-    kc = k.to(cd)
+    kc = _match_heads(k, H).to(cd)
     cs = torch.zeros(B, H, num_groups, k.shape[2], dtype=cd, device=q.device)
     for g in range(num_groups):
         rows = slice(g * group_size, min(Nq, (g + 1) * group_size))
@@ -66,6 +70,7 @@ def sparse_attention_delta(q, k, v, scale: float, indices: torch.Tensor, group_s
     B, H, Nq, _ = q.shape
     num_groups = indices.shape[2]
     assert num_groups == -(-Nq // group_size), (num_groups, Nq, group_size)
+    k, v = _match_heads(k, H), _match_heads(v, H)
     if out is None:
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     for g in range(num_groups):

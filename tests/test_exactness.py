@@ -61,3 +61,18 @@ def test_slowly_changing_latents_stay_close_to_dense():
     for step, (a, b) in enumerate(zip(outs, eager)):
         assert torch.isfinite(a).all()
         assert rel_err(a, b) < 0.05, (step, rel_err(a, b))
+
+
+def test_gqa_attention_all_selected_equals_dense():
+    """Grouped-query SDPA (fewer K/V heads) through the sparse path: all columns selected is exact."""
+    from test_detection import GatedNet
+    torch.manual_seed(0)
+    model = GatedNet("swiglu").eval()
+    compiled = compile_chipmunk(model, attn_sparsity=0.0, mlp_sparsity=0.0, attn_random_fraction=0.0,
+                                mlp_random_fraction=0.0)
+    before = runtime_ids()
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(1, 70, 32, generator=torch.Generator().manual_seed(step))
+            assert rel_err(compiled(x), model(x)) < 2e-5, step
+    assert newest_runtimes(before)[0].site_counters.get("attention:sparse", 0) > 0
