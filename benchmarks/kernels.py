@@ -13,8 +13,8 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
   spent on the output-cache read/write (bytes / measured copy bandwidth).
 
 Prints a table and writes kernels_<gpu>.json (and a speedup-vs-sparsity PNG) to $OUT or benchmarks/results.
-Usage: python benchmarks/kernels.py [--quick | --sweep]   (--sweep: every candidate config of every kernel timed
-explicitly, written to sweep.json; see benchmarks/KERNEL_NOTES.md)
+Usage: python benchmarks/kernels.py [--quick | --sweep [dense,sparse,mlp]]   (--sweep: every candidate config of
+the named kernels timed explicitly, written to sweep.json; see benchmarks/KERNEL_NOTES.md)
 """
 from __future__ import annotations
 
@@ -84,7 +84,20 @@ def check_correctness():
     o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, GROUP)
     ro, rlse, rcs = attn_ref.dense_attention_lse_colmass(q.float(), k.float(), v.float(), scale, lse_prev, GROUP)
     errs = {"dense o": rel_err(o, ro), "dense lse": rel_err(lse, rlse), "dense colmass": rel_err(cs, rcs)}
+    for a in (0, 1):
+        for mode, bm, w in ((1, 64, 4), (2, 128, 8)):
+            cfg = dict(BLOCK_M=bm, BLOCK_N=64, num_warps=w, num_stages=3, CS_MODE=mode, ANCHOR=a)
+            o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, GROUP, config=cfg)
+            errs[f"dense cs{mode} anchor{a} o"] = rel_err(o, ro)
+            errs[f"dense cs{mode} anchor{a} lse"] = rel_err(lse, rlse)
+            errs[f"dense cs{mode} anchor{a} colmass"] = rel_err(cs, rcs)
 
+    vendor = dense_tr.vendor_attention_with_lse(q, k, v, scale)
+    if vendor is not None:
+        errs["vendor (cuDNN/flash) o"] = rel_err(vendor[0], ro)
+        errs["vendor (cuDNN/flash) lse"] = rel_err(vendor[1], rlse)
+    print(f"first dense step (LSE only) uses: {dense_tr._vendor_choice}")
+    anchor = rlse
     num_groups = -(-N // GROUP)
     for n_sel in (kept(N, 0.93), 77):
         idx = random_indices(B * H * num_groups, N, n_sel).view(B, H, num_groups, n_sel)
@@ -97,6 +110,11 @@ def check_correctness():
         ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, GROUP, base.float(), 1.0)
         sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, base, 1.0, out=base)
         errs[f"sparse in place K={n_sel}"] = rel_err(base, ref)
+        out = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, -1.0, lse=anchor)
+        ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, GROUP, zero.float(), -1.0)
+        errs[f"sparse anchored K={n_sel}"] = rel_err(out, ref)
+        out = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, -1.0, lse=anchor - 200.0)
+        errs[f"sparse anchor off by 200 K={n_sel}"] = rel_err(out, ref)
 
     Bm, Nm, C, Fh, T = 2, 1000, 256, 1024, TOKEN_BLOCK
     x = torch.randn(Bm, Nm, C, device=DEV, dtype=BF16)
@@ -131,15 +149,21 @@ def bench_attention(bench, N, sparsities, quick, H=24, D=128):
     base = torch.randn(1, H, N, D, device=DEV, dtype=BF16)
     copy_ms = ms(lambda: base.clone(), quick)         # one read + one write of the output cache
     points = []
+    # The op anchors sparse steps on the last dense step's LSE (here: this step's own).
+    lse = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)[1]
     for sp in sparsities:
         n_sel = kept(N, sp)
         idx = random_indices(H * num_groups, N, n_sel).view(1, H, num_groups, n_sel)
         out = base.clone()
-        ours = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out), quick)
+        online = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out), quick)
+        online_cfg = str(sparse_tr._sparse_attn_tuned.best_config)
+        ours = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out, lse=lse),
+                  quick)
         ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
         ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), quick)
         record(bench, f"B1 H{H} N{N} d{D}", sp, dense_ms, ours, ideal, keys=n_sel,
-               cache_traffic_share=copy_ms / ours, config=str(sparse_tr._sparse_attn_tuned.best_config))
+               cache_traffic_share=copy_ms / ours, config=str(sparse_tr._sparse_attn_tuned.best_config),
+               online_softmax_ms=online, online_softmax_config=online_cfg)
         points.append((sp, dense_ms / ours, dense_ms / ideal))
         del idx, out, ks, vs
     return points
@@ -152,10 +176,14 @@ def bench_dense_step(N, quick, H=24, D=128):
     sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), quick)
     _, lse, _ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)
     plain = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP), quick)
+    dense_tr.USE_VENDOR_LSE = False
+    triton_plain = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP), quick)
+    dense_tr.USE_VENDOR_LSE = True
     plain_cfg = str(dense_tr._dense_attn_tuned.best_config)
     fused = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP), quick)
     shape = f"B1 H{H} N{N} d{D}"
-    record("dense_step_lse", shape, 0.0, sdpa, plain, config=plain_cfg)
+    record("dense_step_lse", shape, 0.0, sdpa, plain, implementation=str(dense_tr._vendor_choice),
+           triton_ms=triton_plain, triton_config=plain_cfg)
     record("dense_step_colmass", shape, 0.0, sdpa, fused, config=str(dense_tr._dense_attn_tuned.best_config))
     # Selection at a dense step: top 7% of each group's column mass (a torch.topk over [H*G, N]).
     cs = torch.rand(H * -(-N // GROUP), N, device=DEV)
@@ -206,7 +234,7 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
 
 
 # ------------------------------------------------------------------------------------------- config sweep
-def sweep(out_dir):
+def sweep(out_dir, sections=("dense", "sparse", "mlp")):
     """Times every candidate configuration of every kernel explicitly (for tuning the autotuner lists)."""
     import time
     t0 = time.time()
@@ -234,45 +262,51 @@ def sweep(out_dir):
 
     H, D = 24, 128
     scale = D ** -0.5
-    # Dense step: LSE only and LSE + column mass, per config and column-mass formulation.
-    dcfgs = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3)]
-    for N in (4608, 16896):
+    # Dense step: LSE only and LSE + column mass, per config, column-mass formulation and anchoring.
+    dcfgs = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 16, 3)]
+    for N in (4608, 16896) if "dense" in sections else ():
         q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
         sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), True)
         rec("dense", f"N{N}", "sdpa", sdpa, sdpa)
-        _, lse, _ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)
-        o_ref, cs_ref = F.scaled_dot_product_attention(q, k, v), None
+        vendor = dense_tr.vendor_attention_with_lse(q, k, v, scale)
+        if vendor is not None:
+            rec("dense", f"N{N}", f"lse via {dense_tr._vendor_choice}",
+                ms(lambda: dense_tr.vendor_attention_with_lse(q, k, v, scale), True), sdpa)
+        o_ref, lse = F.scaled_dot_product_attention(q, k, v), vendor[1] if vendor is not None else None
+        if lse is None:
+            lse = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP, config=dict(
+                BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))[1]
+        cs_ref = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, config=dict(
+            BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, CS_MODE=0, ANCHOR=0))[2]
         for bm, bn, w, st in dcfgs:
             base = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
             tag = f"BM{bm} BN{bn} w{w} s{st}"
             rec("dense", f"N{N}", f"lse {tag}",
                 safe(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP, config=base)), sdpa)
-            for mode in ((0, 1, 2) if (bm, bn, st) == (128, 64, 3) else (1, 2)):
-                cfg = dict(base, CS_MODE=mode)
-                try:
-                    o_, _, cs_ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, config=cfg)
-                    if cs_ref is None:
-                        cs_ref = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP,
-                                                                      config=dict(base, CS_MODE=0))[2]
-                    print(f"   err o {rel_err(o_, o_ref):.1e} cs {rel_err(cs_, cs_ref):.1e}")
-                except Exception as e:  # noqa: BLE001
-                    print("   check failed:", type(e).__name__, str(e)[:120])
-                rec("dense", f"N{N}", f"cs{mode} {tag}",
-                    safe(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, config=cfg)), sdpa)
+            for mode in (1, 2):
+                for anchor in (0, 1):
+                    cfg = dict(base, CS_MODE=mode, ANCHOR=anchor)
+                    try:
+                        o_, _, cs_ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, config=cfg)
+                        print(f"   err o {rel_err(o_, o_ref):.1e} cs {rel_err(cs_, cs_ref):.1e}")
+                    except Exception as e:  # noqa: BLE001
+                        print("   check failed:", type(e).__name__, str(e)[:120])
+                    rec("dense", f"N{N}", f"cs{mode} anchor{anchor} {tag}", safe(
+                        lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, config=cfg)), sdpa)
         del q, k, v, lse
     print(f"dense sweep done {time.time() - t0:.0f}s", flush=True)
     dump()
 
-    # Sparse attention: every candidate config at three shapes.
-    scfgs = [dict(BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_M1=c.kwargs["BLOCK_M1"], BLOCK_M2=c.kwargs["BLOCK_M2"],
-                  BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
-             for c in sparse_tr._CONFIGS]
-    scfgs += [dict(BLOCK_M=128, BLOCK_M1=64, BLOCK_M2=0, BLOCK_N=32, num_warps=8, num_stages=4),
-              dict(BLOCK_M=64, BLOCK_M1=0, BLOCK_M2=0, BLOCK_N=64, num_warps=4, num_stages=2),
-              dict(BLOCK_M=64, BLOCK_M1=0, BLOCK_M2=0, BLOCK_N=128, num_warps=4, num_stages=2),
-              dict(BLOCK_M=128, BLOCK_M1=0, BLOCK_M2=0, BLOCK_N=64, num_warps=8, num_stages=2)]
-    for N, sp in ((118800, 0.93), (16896, 0.835), (4608, 0.835)):
+    # Sparse attention: every candidate config at three shapes, online and anchored softmax.
+    def scfg(bm, bm1, bm2, bn, w, st):
+        return dict(BLOCK_M=bm, BLOCK_M1=bm1, BLOCK_M2=bm2, BLOCK_N=bn, num_warps=w, num_stages=st)
+    scfgs = [scfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_M1"], c.kwargs["BLOCK_M2"], c.kwargs["BLOCK_N"], c.num_warps,
+                  c.num_stages) for c in sparse_tr._CONFIGS]
+    scfgs += [scfg(64, 64, 64, 64, 8, 3), scfg(64, 64, 64, 32, 8, 3), scfg(128, 64, 0, 32, 16, 3),
+              scfg(64, 0, 0, 128, 4, 2)]
+    for N, sp in ((118800, 0.93), (16896, 0.835), (4608, 0.835)) if "sparse" in sections else ():
         q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+        lse = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)[1]
         n_sel = kept(N, sp)
         ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
         ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), True)
@@ -280,21 +314,25 @@ def sweep(out_dir):
         num_groups = -(-N // GROUP)
         idx = random_indices(H * num_groups, N, n_sel).view(1, H, num_groups, n_sel)
         out = torch.randn(1, H, N, D, device=DEV, dtype=BF16)
-        zero, ref_o = torch.zeros_like(out), None
+        zero = torch.zeros_like(out)
+        ref_o = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, 1.0, config=scfgs[0])
         for cfg in scfgs:
-            tag = (f"BM{cfg['BLOCK_M']}+{cfg['BLOCK_M1']}+{cfg['BLOCK_M2']} BN{cfg['BLOCK_N']} "
-                   f"w{cfg['num_warps']} s{cfg['num_stages']}")
-            rec("sparse", f"N{N}", tag, safe(lambda: sparse_tr.sparse_attention_delta(
-                q, k, v, scale, idx, GROUP, out, 1.0, out=out, config=cfg)), ideal)
-            try:
-                got = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, 1.0, config=cfg)
-                ref_o = got if ref_o is None else ref_o
-                print(f"   err vs first config {rel_err(got, ref_o):.1e}")
-            except Exception as e:  # noqa: BLE001
-                print("   check failed:", type(e).__name__, str(e)[:120])
-        del q, k, v, ks, vs, idx, out, zero, ref_o
+            for anchor in (0, 1):
+                tag = (f"BM{cfg['BLOCK_M']}+{cfg['BLOCK_M1']}+{cfg['BLOCK_M2']} BN{cfg['BLOCK_N']} "
+                       f"w{cfg['num_warps']} s{cfg['num_stages']} anchor{anchor}")
+                c = dict(cfg, ANCHOR=anchor)
+                rec("sparse", f"N{N}", tag, safe(lambda: sparse_tr.sparse_attention_delta(
+                    q, k, v, scale, idx, GROUP, out, 1.0, out=out, lse=lse, config=c)), ideal)
+                try:
+                    got = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, 1.0, lse=lse, config=c)
+                    print(f"   err vs first config {rel_err(got, ref_o):.1e}")
+                except Exception as e:  # noqa: BLE001
+                    print("   check failed:", type(e).__name__, str(e)[:120])
+        del q, k, v, ks, vs, idx, out, zero, ref_o, lse
     print(f"sparse sweep done {time.time() - t0:.0f}s", flush=True)
     dump()
+    if "mlp" not in sections:
+        return
 
     # MLP: selection pieces, then mm1 and mm2 separately per config, sorted vs unsorted unit lists.
     C, Fh = 3072, 12288
@@ -372,7 +410,8 @@ def plot(points, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer points and shorter timing (< 2 minutes)")
-    parser.add_argument("--sweep", action="store_true", help="time every candidate kernel configuration instead")
+    parser.add_argument("--sweep", nargs="?", const="dense,sparse,mlp", default=None, metavar="SECTIONS",
+                        help="time every candidate kernel configuration instead (comma list of dense, sparse, mlp)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     quick = args.quick
@@ -381,7 +420,7 @@ def main():
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     if args.sweep:  # per-config timings only (each section prints its own error checks)
-        sweep(out_dir)
+        sweep(out_dir, tuple(args.sweep.split(",")))
         return
     errs = check_correctness()
     print(f"{'bench':20s} {'shape':28s} {'spars':>6s} {'dense ms':>9s} {'ours ms':>9s} {'speedup':>8s} "

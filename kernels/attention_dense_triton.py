@@ -30,7 +30,7 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
                  D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                  HAS_CS: tl.constexpr, SINGLE_GROUP: tl.constexpr, MAX_G: tl.constexpr, CS_MODE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 ANCHORED: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -45,20 +45,33 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
     qk = tl.dot(q, kt, input_precision=PRECISION)
     if MASK_N:
         qk = tl.where(offs_n[None, :] < Nk, qk, float("-inf"))
-    # Online softmax in log2 units: one FMA (scale, subtract the running max) and one exp2 per score.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    qk = qk * qk_scale - m_new[:, None]
-    p = tl.exp2(qk)
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-    pv = p.to(v.dtype)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(pv, v, acc, input_precision=PRECISION)
+    if ANCHORED:
+        # Anchored softmax: the previous step's LSE is the fixed shift, so p = exp(s - lse_prev) is both the
+        # tile's attention weight (no running max, no rescale of acc) and its column-mass contribution.
+        m_new = m_i
+        p = tl.exp2(qk * qk_scale - lse_prev2[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        pv = p.to(v.dtype)
+        acc = tl.dot(pv, v, acc, input_precision=PRECISION)
+    else:
+        # Online softmax in log2 units: one FMA (scale, subtract the running max) and one exp2 per score.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_new[:, None]
+        p = tl.exp2(qk)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        pv = p.to(v.dtype)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(pv, v, acc, input_precision=PRECISION)
     if HAS_CS:
         # Column mass exp(s_ij - lse_prev_i) under the previous step's softmax constants. Padded rows carry
         # lse_prev = +inf and contribute 0.
-        if CS_MODE == 0:
+        if ANCHORED:
+            r = tl.full([BLOCK_M], 1.0, tl.float32)
+            pc = p
+        elif CS_MODE == 0:
             # Reference formulation: a second exponential per score.
             pc = tl.exp2(qk + (m_new - lse_prev2)[:, None])
         else:
@@ -77,7 +90,7 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
             ok = ((g_first + gsel)[:, None] <= g_last) & (offs_n[None, :] < Nk)
             tl.atomic_add(cs_row + (g_first + gsel)[:, None] * Nk + offs_n[None, :], part, mask=ok, sem="relaxed")
         else:
-            if CS_MODE == 1:
+            if CS_MODE == 1 and not ANCHORED:
                 pc = p * r[:, None]
             if SINGLE_GROUP:
                 part = tl.sum(pc, 0)
@@ -97,6 +110,27 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
 
 
 @triton.jit
+def _attend_all_keys(q, k_base, v_base, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
+                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
+                     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CS: tl.constexpr, SINGLE_GROUP: tl.constexpr,
+                     MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHORED: tl.constexpr, PRECISION: tl.constexpr):
+    """Full key tiles unmasked, then the ragged last tile masked."""
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
+                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, False, HAS_CS, SINGLE_GROUP, MAX_G,
+                                     CS_MODE, ANCHORED, PRECISION)
+    if n_full < Nk:
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, n_full, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
+                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, True, HAS_CS, SINGLE_GROUP, MAX_G,
+                                     CS_MODE, ANCHORED, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
                        stride_qb, stride_qh, stride_qn, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
@@ -104,7 +138,8 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
                        H, kv_group, Nq, Nk, num_groups, group_size, qk_scale,
                        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                        HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr,
-                       MAX_G: tl.constexpr, CS_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHOR: tl.constexpr, ANCHORED: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -128,19 +163,24 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
         lse_prev2 = tl.load(LSE_PREV + pid_bh * Nq + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
     else:
         lse_prev2 = l_i
+    if ANCHORED:
+        m_i = lse_prev2
     cs_row = CS + pid_bh * num_groups * Nk
 
-    n_full = (Nk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
+    m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
-                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, False, HAS_CS, SINGLE_GROUP, MAX_G, CS_MODE,
-                                     PRECISION)
-    if n_full < Nk:
-        m_i, l_i, acc = _attend_tile(q, k_base, v_base, n_full, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
-                                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
-                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, True, HAS_CS, SINGLE_GROUP, MAX_G, CS_MODE,
-                                     PRECISION)
+                                     D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, HAS_CS, SINGLE_GROUP, MAX_G, CS_MODE,
+                                     ANCHORED, PRECISION)
+    if ANCHORED:
+        # Rows whose anchored normaliser left the safe range (the logits moved by more than ~40 nats since the
+        # previous dense step) are redone with the online softmax; the column mass is already complete.
+        bad = m_valid & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
+        if tl.sum(bad.to(tl.int32)) > 0:
+            m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, Nk, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                                             tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, DV_PAD], tl.float32),
+                                             lse_prev2, cs_row, row0, offs_m, stride_kn, stride_kd, stride_vn,
+                                             stride_vd, qk_scale, group_size, Nq, D, DV, D_PAD, DV_PAD, BLOCK_M,
+                                             BLOCK_N, False, SINGLE_GROUP, MAX_G, CS_MODE, False, PRECISION)
 
     o = acc / l_i[:, None]
     o_ptrs = O + pid_bh * Nq * DV + offs_m[:, None] * DV + offs_dv[None, :]
@@ -157,18 +197,24 @@ _dense_attn = triton.heuristics({
     "SINGLE_GROUP": lambda a: a["group_size"] % a["BLOCK_M"] == 0,
     "MAX_G": lambda a: (a["BLOCK_M"] - 1) // a["group_size"] + 2,
     "CS_MODE": lambda a: 1 if a["CS_MODE"] == 2 and (a["BLOCK_M"] - 1) // a["group_size"] + 2 > 16 else a["CS_MODE"],
+    "ANCHORED": lambda a: bool(a["ANCHOR"]) and bool(a["HAS_CS"]),
 })(_dense_attn_kernel)
 
 CS_MODE = 2  # for explicit configs that do not name one
+USE_VENDOR_LSE = True  # the LSE-only dense step through cuDNN / FlashAttention (benchmarks switch it off)
+ANCHOR = 1  # likewise: anchor the softmax on lse_prev when it is given (exact either way)
 _DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Measured on H100 (benchmarks/KERNEL_NOTES.md): the row reduction by tl.sum costs more than a second exp at
 # 128-row tiles (cross-warp shuffles and shared memory), the tensor-core reduction (mode 2) is the fastest there;
 # 64-row tiles of one group need a single tl.sum (mode 1) and are the fastest without column mass.
 _CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "CS_MODE": 2}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "CS_MODE": 2}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "CS_MODE": 1}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "CS_MODE": 2, "ANCHOR": a}, num_warps=8, num_stages=3)
+    for a in (0, 1)
+] + [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "CS_MODE": 2, "ANCHOR": 1}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 1}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 0}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "CS_MODE": 1, "ANCHOR": 1}, num_warps=4, num_stages=3),
 ]
 # CS is accumulated with atomics, so every benchmarking run of the autotuner must start from zeros.
 _dense_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "HAS_CS", "kv_group", "Nq", "Nk"],
@@ -179,16 +225,58 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# The first dense step needs only O and the LSE: PyTorch's own fused kernels return both. Tried in this order on
+# the first call per (dtype, head dim); the first that runs is kept, None when none does (then the Triton kernel).
+_VENDOR_LSE_ORDER = ("cudnn", "flash")
+_vendor_choice: dict = {}
+
+
+def _vendor_attention_with_lse(kind: str, q, k, v, scale: float):
+    if kind == "cudnn":
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                 scale=scale)
+    else:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    o, lse = out[0], out[1]
+    return o.contiguous(), lse.reshape(q.shape[:3]).to(torch.float32)
+
+
+def vendor_attention_with_lse(q, k, v, scale: float):
+    """(o, lse) from cuDNN / FlashAttention through PyTorch, or None where neither applies (GQA, head dims
+    that differ or exceed 256, fp32, CPU)."""
+    if (not q.is_cuda or _INTERPRET or q.dtype not in (torch.float16, torch.bfloat16) or k.shape[1] != q.shape[1]
+            or q.shape[-1] != v.shape[-1] or q.shape[-1] > 256 or q.shape[-1] % 8):
+        return None
+    key = (q.dtype, q.shape[-1], q.device)
+    kinds = (_vendor_choice[key],) if key in _vendor_choice else _VENDOR_LSE_ORDER
+    for kind in kinds:
+        if kind is None:
+            return None
+        try:
+            result = _vendor_attention_with_lse(kind, q, k, v, scale)
+        except RuntimeError:
+            continue
+        _vendor_choice[key] = kind
+        return result
+    _vendor_choice[key] = None
+    return None
+
+
 def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None):
     """(o [B,H,Nq,Dv] in q.dtype, lse fp32 [B,H,Nq], column mass fp32 [B,H,ceil(Nq/G),Nk] or None).
 
     ``config`` forces one launch configuration (tests); by default the GPU autotunes and the interpreter uses a
-    small fixed configuration.
+    small fixed configuration. Without ``lse_prev`` (no column mass) and no ``config``, PyTorch's fused SDPA
+    kernels are used where they apply (they also return the LSE).
     """
     B, H, Nq, D = q.shape
     Hk, Nk, DV = k.shape[1], k.shape[2], v.shape[3]
     assert k.shape[0] == B and v.shape[:3] == k.shape[:3] and k.shape[3] == D and H % Hk == 0
     assert max(D, DV) <= 256, "head dims above 256 are not supported"
+    if lse_prev is None and config is None and USE_VENDOR_LSE:
+        vendor = vendor_attention_with_lse(q, k, v, scale)
+        if vendor is not None:
+            return vendor[0], vendor[1], None
     o = torch.empty((B, H, Nq, DV), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     num_groups = -(-Nq // group_size)
@@ -208,6 +296,6 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
     if config is None:
         _dense_attn_tuned[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)](*args, **meta)
     else:
-        config = {"CS_MODE": CS_MODE, **config}
+        config = {"CS_MODE": CS_MODE, "ANCHOR": ANCHOR, **config}
         _dense_attn[(triton.cdiv(Nq, config["BLOCK_M"]), B * H)](*args, **meta, **config)
     return o, lse, (cs if has_cs else None)

@@ -44,8 +44,10 @@ def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int):
     B, N, C = x.shape
     nb = -(-N // token_block)
     pad = nb * token_block - N
-    xs = x.to(cd)
-    sums = F.pad(xs, (0, 0, 0, pad)).reshape(B, nb, token_block, C).sum(dim=2)
+    if pad:
+        sums = F.pad(x.to(cd), (0, 0, 0, pad)).reshape(B, nb, token_block, C).sum(dim=2)
+    else:  # accumulate in cd without a converted copy of x
+        sums = x.reshape(B, nb, token_block, C).sum(dim=2, dtype=cd)
     counts = torch.full((nb,), float(token_block), dtype=cd, device=x.device)
     counts[-1] = token_block - pad
     # Means in float32 (or 64); the nb-row scoring GEMM runs in the weights' dtype, so no converted copy of
