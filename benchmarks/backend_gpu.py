@@ -7,7 +7,8 @@ call compared with eager on the same inputs):
   - mode="reduce-overhead" (CUDA graphs around the chipmunk ops) vs the same backend without CUDA graphs.
 Part 2, speed (a FLUX-width transformer: 3072 wide, 24 heads of 128, 2 double + 4 single blocks, 1024x1024
 image = 4096 image + 512 text tokens, bf16): median step time of plain Inductor vs chipmunk on dense steps,
-sparse steps and over a whole 50-step schedule.
+sparse steps and over a whole 50-step schedule (per step with a sync after each, and a whole generation with
+one sync at the end), plus every host synchronisation the chipmunk steps make.
 Prints a table; writes backend_<gpu>.json to $OUT or benchmarks/results.
 """
 from __future__ import annotations
@@ -116,6 +117,33 @@ def step_times(fn, inp, steps, warm):
     return times[warm:]
 
 
+@torch.no_grad()
+def generation_ms(fn, inp, steps=50):
+    """A whole generation's wall time with one synchronisation at the end, as a sampling loop runs (the host
+    queues step i+1 while the GPU still runs step i)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn(**inp)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+@torch.no_grad()
+def host_syncs(fn, inp):
+    """Messages of the host synchronisations one call makes (torch's sync debug mode)."""
+    import warnings
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(**inp)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+
+
 def part2(torch_mode=None):
     """Plain Inductor vs chipmunk, both compiled with the same torch.compile mode."""
     model = flux(24, 128, 2, 4, text_dim=4096)
@@ -126,6 +154,7 @@ def part2(torch_mode=None):
     plain = torch.compile(model, **mode_kw)
     dense_ms = statistics.median(step_times(plain, inp, 12, 2))
     compile_plain = time.perf_counter() - t0
+    plain_gen = generation_ms(plain, inp)
     torch._dynamo.reset()
     chipmunk_compile.reset()
     t0 = time.perf_counter()
@@ -135,6 +164,13 @@ def part2(torch_mode=None):
     times = step_times(ours, inp, 50, 0)  # a whole generation: step i of the schedule is call i
     compile_ours = time.perf_counter() - t0
     times2 = step_times(ours, inp, 50, 0)  # second generation, everything compiled
+    # Third and fourth generations: whole-loop wall time (one sync at the end; plain Inductor's was measured the
+    # same way above) and the host synchronisations of every step of the schedule.
+    chipmunk_gen = generation_ms(ours, inp)
+    syncs = {}
+    for step in range(50):
+        for msg in host_syncs(ours, inp):
+            syncs.setdefault(msg, []).append(step)
     opts = chipmunk_compile.ChipmunkOptions(num_steps=50)
     dense_steps = [t for s, t in enumerate(times2) if opts.attention_dense_at(s) or opts.mlp_dense_at(s)]
     sparse_steps = [t for s, t in enumerate(times2) if not (opts.attention_dense_at(s) or opts.mlp_dense_at(s))]
@@ -146,7 +182,10 @@ def part2(torch_mode=None):
                chipmunk_schedule_mean_ms=sum(times2) / len(times2),
                schedule_speedup=dense_ms / (sum(times2) / len(times2)),
                sparse_step_speedup=dense_ms / statistics.median(sparse_steps),
-               compile_s_plain=compile_plain, first_generation_s_chipmunk=compile_ours)
+               compile_s_plain=compile_plain, first_generation_s_chipmunk=compile_ours,
+               generation_ms_inductor=plain_gen, generation_ms_chipmunk=chipmunk_gen,
+               generation_speedup=plain_gen / chipmunk_gen,
+               host_syncs_per_generation={m: len(v) for m, v in syncs.items()})
     RESULTS["speed"].append(row)
     for k, v in row.items():
         print(f"  {k:32s} {v:.3f}" if isinstance(v, float) else f"  {k:32s} {v}")

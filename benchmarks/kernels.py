@@ -97,7 +97,6 @@ def check_correctness():
         errs["vendor (cuDNN/flash) o"] = rel_err(vendor[0], ro)
         errs["vendor (cuDNN/flash) lse"] = rel_err(vendor[1], rlse)
     print(f"first dense step (LSE only) uses: {dense_tr._vendor_choice}")
-    anchor = rlse
     num_groups = -(-N // GROUP)
     for n_sel in (kept(N, 0.93), 77):
         idx = random_indices(B * H * num_groups, N, n_sel).view(B, H, num_groups, n_sel)
@@ -110,11 +109,6 @@ def check_correctness():
         ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, GROUP, base.float(), 1.0)
         sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, base, 1.0, out=base)
         errs[f"sparse in place K={n_sel}"] = rel_err(base, ref)
-        out = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, -1.0, lse=anchor)
-        ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, GROUP, zero.float(), -1.0)
-        errs[f"sparse anchored K={n_sel}"] = rel_err(out, ref)
-        out = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, -1.0, lse=anchor - 200.0)
-        errs[f"sparse anchor off by 200 K={n_sel}"] = rel_err(out, ref)
 
     Bm, Nm, C, Fh, T = 2, 1000, 256, 1024, TOKEN_BLOCK
     x = torch.randn(Bm, Nm, C, device=DEV, dtype=BF16)
@@ -149,21 +143,15 @@ def bench_attention(bench, N, sparsities, quick, H=24, D=128):
     base = torch.randn(1, H, N, D, device=DEV, dtype=BF16)
     copy_ms = ms(lambda: base.clone(), quick)         # one read + one write of the output cache
     points = []
-    # The op anchors sparse steps on the last dense step's LSE (here: this step's own).
-    lse = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)[1]
     for sp in sparsities:
         n_sel = kept(N, sp)
         idx = random_indices(H * num_groups, N, n_sel).view(1, H, num_groups, n_sel)
         out = base.clone()
-        online = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out), quick)
-        online_cfg = str(sparse_tr._sparse_attn_tuned.best_config)
-        ours = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out, lse=lse),
-                  quick)
+        ours = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out), quick)
         ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
         ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), quick)
         record(bench, f"B1 H{H} N{N} d{D}", sp, dense_ms, ours, ideal, keys=n_sel,
-               cache_traffic_share=copy_ms / ours, config=str(sparse_tr._sparse_attn_tuned.best_config),
-               online_softmax_ms=online, online_softmax_config=online_cfg)
+               cache_traffic_share=copy_ms / ours, config=str(sparse_tr._sparse_attn_tuned.best_config))
         points.append((sp, dense_ms / ours, dense_ms / ideal))
         del idx, out, ks, vs
     return points
@@ -297,16 +285,15 @@ def sweep(out_dir, sections=("dense", "sparse", "mlp")):
     print(f"dense sweep done {time.time() - t0:.0f}s", flush=True)
     dump()
 
-    # Sparse attention: every candidate config at three shapes, online and anchored softmax.
+    # Sparse attention: every candidate config at three shapes.
     def scfg(bm, bm1, bm2, bn, w, st):
         return dict(BLOCK_M=bm, BLOCK_M1=bm1, BLOCK_M2=bm2, BLOCK_N=bn, num_warps=w, num_stages=st)
     scfgs = [scfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_M1"], c.kwargs["BLOCK_M2"], c.kwargs["BLOCK_N"], c.num_warps,
                   c.num_stages) for c in sparse_tr._CONFIGS]
-    scfgs += [scfg(64, 64, 64, 64, 8, 3), scfg(64, 64, 64, 32, 8, 3), scfg(128, 64, 0, 32, 16, 3),
+    scfgs += [scfg(64, 64, 64, 64, 8, 3), scfg(128, 64, 0, 64, 16, 3), scfg(128, 64, 0, 32, 8, 4),
               scfg(64, 0, 0, 128, 4, 2)]
     for N, sp in ((118800, 0.93), (16896, 0.835), (4608, 0.835)) if "sparse" in sections else ():
         q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
-        lse = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP)[1]
         n_sel = kept(N, sp)
         ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
         ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), True)
@@ -317,18 +304,16 @@ def sweep(out_dir, sections=("dense", "sparse", "mlp")):
         zero = torch.zeros_like(out)
         ref_o = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, 1.0, config=scfgs[0])
         for cfg in scfgs:
-            for anchor in (0, 1):
-                tag = (f"BM{cfg['BLOCK_M']}+{cfg['BLOCK_M1']}+{cfg['BLOCK_M2']} BN{cfg['BLOCK_N']} "
-                       f"w{cfg['num_warps']} s{cfg['num_stages']} anchor{anchor}")
-                c = dict(cfg, ANCHOR=anchor)
-                rec("sparse", f"N{N}", tag, safe(lambda: sparse_tr.sparse_attention_delta(
-                    q, k, v, scale, idx, GROUP, out, 1.0, out=out, lse=lse, config=c)), ideal)
-                try:
-                    got = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, 1.0, lse=lse, config=c)
-                    print(f"   err vs first config {rel_err(got, ref_o):.1e}")
-                except Exception as e:  # noqa: BLE001
-                    print("   check failed:", type(e).__name__, str(e)[:120])
-        del q, k, v, ks, vs, idx, out, zero, ref_o, lse
+            tag = (f"BM{cfg['BLOCK_M']}+{cfg['BLOCK_M1']}+{cfg['BLOCK_M2']} BN{cfg['BLOCK_N']} "
+                   f"w{cfg['num_warps']} s{cfg['num_stages']}")
+            rec("sparse", f"N{N}", tag, safe(lambda: sparse_tr.sparse_attention_delta(
+                q, k, v, scale, idx, GROUP, out, 1.0, out=out, config=cfg)), ideal)
+            try:
+                got = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, 1.0, config=cfg)
+                print(f"   err vs first config {rel_err(got, ref_o):.1e}")
+            except Exception as e:  # noqa: BLE001
+                print("   check failed:", type(e).__name__, str(e)[:120])
+        del q, k, v, ks, vs, idx, out, zero, ref_o
     print(f"sparse sweep done {time.time() - t0:.0f}s", flush=True)
     dump()
     if "mlp" not in sections:

@@ -10,6 +10,15 @@ tl.sum (CS_MODE 1, cheaper for 64-row single-group tiles), and atomically added 
 tiles run unmasked; only the ragged last key tile is masked. K/V may have fewer heads (GQA): query head h reads
 kv head h // (Hq // Hk).
 
+Anchored softmax (ANCHOR=1, with ``lse_prev``): the previous dense step's LSE is used as the fixed softmax shift
+instead of a running max, so p = exp(s - lse_prev) is at once the tile's attention weight (no max, no rescale of
+the accumulator) and its column-mass contribution (no r factor). The new LSE is lse_prev + log(sum p). Exact
+whatever the anchor: a program whose row normalisers leave [2^-60, 2^100] (the logits moved by more than ~40
+nats since the previous dense step, or overflowed) redoes its rows with the online softmax.
+
+The first dense step needs no column mass: the wrapper then takes O and the LSE from PyTorch's cuDNN or
+FlashAttention kernels where they apply (``vendor_attention_with_lse``), which run at SDPA speed.
+
 Same call signature and semantics as ``attention_reference.dense_attention_lse_colmass``.
 """
 from __future__ import annotations
@@ -204,17 +213,15 @@ CS_MODE = 2  # for explicit configs that do not name one
 USE_VENDOR_LSE = True  # the LSE-only dense step through cuDNN / FlashAttention (benchmarks switch it off)
 ANCHOR = 1  # likewise: anchor the softmax on lse_prev when it is given (exact either way)
 _DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-# Measured on H100 (benchmarks/KERNEL_NOTES.md): the row reduction by tl.sum costs more than a second exp at
-# 128-row tiles (cross-warp shuffles and shared memory), the tensor-core reduction (mode 2) is the fastest there;
-# 64-row tiles of one group need a single tl.sum (mode 1) and are the fastest without column mass.
+# Measured on H100 (benchmarks/KERNEL_NOTES.md, sweep of 6 tilings x 2 formulations x anchoring): with column mass
+# the anchored 64-row single-group tiles (one tl.sum per tile) are fastest (N4608 0.73 ms, N16896 9.35 ms vs
+# 0.81 / 9.75 for the best online-softmax variant); 128-row tiles need the tensor-core reduction (mode 2).
+# Without column mass the 128x64 8-warp and 64x64 4-warp tiles lead (the wrapper prefers cuDNN/flash there).
 _CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "CS_MODE": 2, "ANCHOR": a}, num_warps=8, num_stages=3)
-    for a in (0, 1)
-] + [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "CS_MODE": 2, "ANCHOR": 1}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 0}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "CS_MODE": 1, "ANCHOR": 1}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "CS_MODE": 2, "ANCHOR": 1}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "CS_MODE": 2, "ANCHOR": 1}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "CS_MODE": 2, "ANCHOR": 0}, num_warps=8, num_stages=3),
 ]
 # CS is accumulated with atomics, so every benchmarking run of the autotuner must start from zeros.
 _dense_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "HAS_CS", "kv_group", "Nq", "Nk"],

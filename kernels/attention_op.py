@@ -74,8 +74,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     delta_fn = implementation("sparse_attention_delta", opts.kernels, q.device)
 
     if plan == "sparse":
-        # The last dense step's LSE anchors the sparse softmax (a numerical hint: same result, less work).
-        return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0, lse=lse_cache[inv])
+        return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0)
 
     lse_prev = lse_cache[inv] if plan == "dense_select" else None
     o, lse, colmass = dense_fn(q, k, v, scale, lse_prev, group)
@@ -89,7 +88,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     lse_cache[inv].copy_(lse)
     flags.has_lse = True
     if plan in ("dense_select", "dense_cache"):
-        delta_fn(q, k, v, scale, indices[inv], group, o, -1.0, out=o_cache[inv], lse=lse)
+        delta_fn(q, k, v, scale, indices[inv], group, o, -1.0, out=o_cache[inv])
         flags.has_cache = True
     return o
 

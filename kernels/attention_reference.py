@@ -63,10 +63,9 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
 
 
 def sparse_attention_delta(q, k, v, scale: float, indices: torch.Tensor, group_size: int,
-                           base: torch.Tensor, sign: float, out: torch.Tensor | None = None, lse=None):
+                           base: torch.Tensor, sign: float, out: torch.Tensor | None = None):
     """``base + sign * P^S`` with P^S renormalised over each group's selected columns; result in base.dtype,
-    written into ``out`` when given (``out`` may be ``base``). ``lse`` is a numerical hint for the Triton
-    kernel (its softmax anchor) and does not change the result; the reference ignores it."""
+    written into ``out`` when given (``out`` may be ``base``)."""
     cd = _compute_dtype(q)
     B, H, Nq, _ = q.shape
     num_groups = indices.shape[2]

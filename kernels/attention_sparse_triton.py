@@ -35,17 +35,10 @@ def _load_rows(ptr, stride_b, stride_h, stride_n, stride_d, b, h, rows, row_end,
 
 @triton.jit
 def _online_softmax_step(q, kt, v, m_i, l_i, acc, col_ok, qk_scale,
-                         MASK_N: tl.constexpr, ANCHORED: tl.constexpr, PRECISION: tl.constexpr):
+                         MASK_N: tl.constexpr, PRECISION: tl.constexpr):
     qk = tl.dot(q, kt, input_precision=PRECISION)
     if MASK_N:
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
-    if ANCHORED:
-        # m_i holds the anchor (the last dense step's LSE, log2 units) and stays fixed: no running max and no
-        # rescale of acc. exp(s - lse) <= ~1 while the logits move little between steps; the caller checks l.
-        p = tl.exp2(qk * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        return m_i, l_i, acc
     # log2 units: one FMA (scale, subtract the running max) and one exp2 per score; P @ V accumulates in place.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.exp2(qk * qk_scale - m_new[:, None])
@@ -61,7 +54,7 @@ def _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel, s0, s1, 
                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                     BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_N: tl.constexpr, ANCHORED: tl.constexpr, PRECISION: tl.constexpr):
+                    MASK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_k = start + tl.arange(0, BLOCK_N)
     col_ok = offs_k < n_sel
     if MASK_N:
@@ -76,16 +69,13 @@ def _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel, s0, s1, 
     v = tl.load(v_base + idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=offs_dv[None, :] < DV, other=0.0)
     m0, l0, a0 = s0
-    s0 = _online_softmax_step(q0, kt, v, m0, l0, a0, col_ok, qk_scale, MASK_N, ANCHORED,
-                                  PRECISION)
+    s0 = _online_softmax_step(q0, kt, v, m0, l0, a0, col_ok, qk_scale, MASK_N, PRECISION)
     if BLOCK_M1 > 0:
         m1, l1, a1 = s1
-        s1 = _online_softmax_step(q1, kt, v, m1, l1, a1, col_ok, qk_scale, MASK_N, ANCHORED,
-                                  PRECISION)
+        s1 = _online_softmax_step(q1, kt, v, m1, l1, a1, col_ok, qk_scale, MASK_N, PRECISION)
     if BLOCK_M2 > 0:
         m2, l2, a2 = s2
-        s2 = _online_softmax_step(q2, kt, v, m2, l2, a2, col_ok, qk_scale, MASK_N, ANCHORED,
-                                  PRECISION)
+        s2 = _online_softmax_step(q2, kt, v, m2, l2, a2, col_ok, qk_scale, MASK_N, PRECISION)
     return s0, s1, s2
 
 
@@ -104,46 +94,13 @@ def _store_delta(state, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd,
 
 
 @triton.jit
-def _init_state(LSE, stride_lb, stride_lh, b, h, rows, row_end, BLOCK: tl.constexpr, DV_PAD: tl.constexpr,
-                ANCHORED: tl.constexpr):
-    """(m, l, acc) for a sub-tile; anchored, m is the row's LSE in log2 units (padded rows: 0)."""
-    if ANCHORED:
-        m = tl.load(LSE + b * stride_lb + h * stride_lh + rows, mask=rows < row_end, other=0.0) * 1.4426950408889634
-    else:
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-    return m, tl.zeros([BLOCK], tl.float32), tl.zeros([BLOCK, DV_PAD], tl.float32)
+def _init_state(BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
+    return (tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.float32),
+            tl.zeros([BLOCK, DV_PAD], tl.float32))
 
 
 @triton.jit
-def _unsafe_rows(state, rows, row_end):
-    """Rows whose anchored normaliser left [2^-60, 2^100] (or is NaN): they are redone with the online softmax."""
-    l_i = state[1]
-    return tl.sum(((rows < row_end) & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))).to(tl.int32))
-
-
-@triton.jit
-def _attend_selected(q0, q1, q2, k_base, v_base, idx_base, n_sel, state0, state1, state2,
-                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                     BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N: tl.constexpr,
-                     ANCHORED: tl.constexpr, PRECISION: tl.constexpr):
-    """Walks the group's index list: full chunks unmasked, then the ragged last chunk masked."""
-    n_full = (n_sel // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel,
-                                                 state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                 qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, False,
-                                                 ANCHORED, PRECISION)
-    if n_full < n_sel:
-        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, n_full, n_sel,
-                                                 state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                 qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, True,
-                                                 ANCHORED, PRECISION)
-    return state0, state1, state2
-
-
-@triton.jit
-def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, LSE, stride_lb, stride_lh,
+def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT,
                         stride_qb, stride_qh, stride_qn, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -151,7 +108,7 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, LSE, stride_lb, stride_lh,
                         stride_ob, stride_oh, stride_on, stride_od,
                         H, kv_group, Nq, num_groups, group_size, n_sel, qk_scale, sign,
                         D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                        PRECISION: tl.constexpr, ANCHORED: tl.constexpr,
+                        PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     # A program's query tile: sub-tiles of BLOCK_M, BLOCK_M1, BLOCK_M2 rows (0 = absent), stacked.
@@ -168,7 +125,7 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, LSE, stride_lb, stride_lh,
     rows0 = row0 + tl.arange(0, BLOCK_M)
 
     q0 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows0, row_end, D, D_PAD)
-    state0 = _init_state(LSE, stride_lb, stride_lh, b, h, rows0, row_end, BLOCK_M, DV_PAD, ANCHORED)
+    state0 = _init_state(BLOCK_M, DV_PAD)
     # Absent sub-tiles are never touched and compile away.
     q1 = q0
     q2 = q0
@@ -179,36 +136,26 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, LSE, stride_lb, stride_lh,
     if BLOCK_M1 > 0:
         rows1 = row0 + BLOCK_M + tl.arange(0, BLOCK_M1)
         q1 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows1, row_end, D, D_PAD)
-        state1 = _init_state(LSE, stride_lb, stride_lh, b, h, rows1, row_end, BLOCK_M1, DV_PAD, ANCHORED)
+        state1 = _init_state(BLOCK_M1, DV_PAD)
     if BLOCK_M2 > 0:
         rows2 = row0 + BLOCK_M + BLOCK_M1 + tl.arange(0, BLOCK_M2)
         q2 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows2, row_end, D, D_PAD)
-        state2 = _init_state(LSE, stride_lb, stride_lh, b, h, rows2, row_end, BLOCK_M2, DV_PAD, ANCHORED)
+        state2 = _init_state(BLOCK_M2, DV_PAD)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     idx_base = IDX + (pid_bh * num_groups + g) * n_sel
-    state0, state1, state2 = _attend_selected(q0, q1, q2, k_base, v_base, idx_base, n_sel, state0, state1, state2,
-                                              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, D, DV, D_PAD,
-                                              DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, ANCHORED, PRECISION)
-    if ANCHORED:
-        n_bad = _unsafe_rows(state0, rows0, row_end)
-        if BLOCK_M1 > 0:
-            n_bad += _unsafe_rows(state1, rows1, row_end)
-        if BLOCK_M2 > 0:
-            n_bad += _unsafe_rows(state2, rows2, row_end)
-        if n_bad > 0:
-            state0 = _init_state(LSE, stride_lb, stride_lh, b, h, rows0, row_end, BLOCK_M, DV_PAD, False)
-            state1 = state0
-            state2 = state0
-            if BLOCK_M1 > 0:
-                state1 = _init_state(LSE, stride_lb, stride_lh, b, h, rows1, row_end, BLOCK_M1, DV_PAD, False)
-            if BLOCK_M2 > 0:
-                state2 = _init_state(LSE, stride_lb, stride_lh, b, h, rows2, row_end, BLOCK_M2, DV_PAD, False)
-            state0, state1, state2 = _attend_selected(q0, q1, q2, k_base, v_base, idx_base, n_sel, state0, state1,
-                                                      state2, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                                                      D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, False,
-                                                      PRECISION)
+    n_full = (n_sel // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel,
+                                                 state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
+                                                 qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, False,
+                                                 PRECISION)
+    if n_full < n_sel:
+        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, n_full, n_sel,
+                                                 state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
+                                                 qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, True,
+                                                 PRECISION)
 
     _store_delta(state0, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh, stride_on,
                  stride_od, b, h, rows0, row_end, sign, DV, DV_PAD)
@@ -254,14 +201,9 @@ _CONFIGS = [
     _cfg(64, 64, 4, 2),
     _cfg(128, 64, 8, 3, bm1=64),
     _cfg(128, 64, 8, 4, bm1=64),
-    # One program per 192-query group at 16 warps: each gathered K/V row serves the whole group with half the
-    # registers per thread of the 8-warp split.
-    _cfg(128, 64, 16, 2, bm1=64),
-    _cfg(128, 64, 16, 3, bm1=64),
-    _cfg(128, 32, 8, 4, bm1=64),
 ]
 # The autotuner runs the kernel several times; OUT may alias BASE, so restore it after every trial.
-_sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_size", "kv_group", "Nq", "ANCHORED"],
+_sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_size", "kv_group", "Nq"],
                                      restore_value=["OUT"])(_sparse_attn_kernel)
 
 
@@ -270,13 +212,11 @@ def _pad_dim(d: int) -> int:
 
 
 def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base, sign: float,
-                           out=None, lse=None, config: dict | None = None):
+                           out=None, config: dict | None = None):
     """``base + sign * P^S`` written into ``out`` (a new tensor like base when None; may be base itself).
 
-    ``lse`` [B, H, Nq] (optional, float32): each query's log-sum-exp over all keys at the last dense step. It
-    only changes how the softmax is computed (anchored on it: no running max; rows where that would lose
-    range are redone online), never the result. ``config`` forces one launch configuration (tests; "ANCHOR": 0
-    ignores ``lse``); by default the GPU autotunes and the interpreter uses a small fixed configuration.
+    ``config`` forces one launch configuration (tests); by default the GPU autotunes and the interpreter uses a
+    small fixed configuration.
     """
     B, H, Nq, D = q.shape
     Hk, DV = k.shape[1], v.shape[3]
@@ -287,23 +227,12 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
     indices = indices.contiguous()
     if out is None:
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-    if config is not None and not config.get("ANCHOR", 1):
-        lse = None
-    if lse is not None:
-        assert lse.shape == (B, H, Nq), (lse.shape, (B, H, Nq))
-        lse = lse.to(torch.float32)
-        if lse.stride(-1) != 1:
-            lse = lse.contiguous()
-    lse_strides = (0, 0) if lse is None else lse.stride()[:2]
-    args = (q, k, v, indices, base, out, out if lse is None else lse, *lse_strides,
-            *q.stride(), *k.stride(), *v.stride(), *base.stride(), *out.stride(),
+    args = (q, k, v, indices, base, out, *q.stride(), *k.stride(), *v.stride(), *base.stride(), *out.stride(),
             H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign))
-    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV), ANCHORED=lse is not None,
+    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV),
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG
-    if config is not None:
-        config = {k_: v_ for k_, v_ in config.items() if k_ != "ANCHOR"}
     if config is None:
         grid = lambda m: (num_groups * triton.cdiv(group_size, _tile_rows(m)), B * H)  # noqa: E731
         _sparse_attn_tuned[grid](*args, **meta)

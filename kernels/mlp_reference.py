@@ -48,11 +48,13 @@ def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int):
         sums = F.pad(x.to(cd), (0, 0, 0, pad)).reshape(B, nb, token_block, C).sum(dim=2)
     else:  # accumulate in cd without a converted copy of x
         sums = x.reshape(B, nb, token_block, C).sum(dim=2, dtype=cd)
-    counts = torch.full((nb,), float(token_block), dtype=cd, device=x.device)
-    counts[-1] = token_block - pad
     # Means in float32 (or 64); the nb-row scoring GEMM runs in the weights' dtype, so no converted copy of
-    # the weights is made at every refresh.
-    means = (sums / counts.view(1, nb, 1)).to(w_gate.dtype)
+    # the weights is made at every refresh. The ragged last block is rescaled with a Python scalar: writing a
+    # host value into a device tensor would synchronise the stream at every call.
+    means = sums / token_block
+    if pad:
+        means[:, -1] *= token_block / (token_block - pad)
+    means = means.to(w_gate.dtype)
     parts = [_linear(means, w_gate, b_gate)]
     if w_up is not None:
         parts.append(_linear(means, w_up, b_up))
