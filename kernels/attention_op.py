@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from chipmunk_compile import runtime
 from chipmunk_compile.kernels.dispatch import implementation
+from chipmunk_compile.kernels.op_registration import register_stateful_op
 from chipmunk_compile.kernels.selection_reference import select_topk_with_random
 
 
@@ -53,10 +54,6 @@ def choose_plan(rt, flags) -> str:
     return "sparse"
 
 
-# cudagraph_unsafe: the plan is chosen on the host at every call, so CUDA graphs must not capture it;
-# Inductor partitions the graph around the op and graphs the rest.
-@torch.library.custom_op("chipmunk::attention", mutates_args=("o_cache", "lse_cache", "indices"),
-                         tags=(torch.Tag.cudagraph_unsafe,))
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.Tensor, lse_cache: torch.Tensor,
               indices: torch.Tensor, scale: float, static_start: int, static_end: int, runtime_id: int,
               site_index: int) -> torch.Tensor:
@@ -93,6 +90,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     return o
 
 
-@attention.register_fake
-def _(q, k, v, o_cache, lse_cache, indices, scale, static_start, static_end, runtime_id, site_index):
+def _attention_fake(q, k, v, o_cache, lse_cache, indices, scale, static_start, static_end, runtime_id, site_index):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# The plan is chosen on the host at every call: registered cudagraph_unsafe (see op_registration.py).
+attention_op = register_stateful_op(
+    "chipmunk::attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) o_cache, Tensor(b!) lse_cache, Tensor(c!) indices, float scale, "
+    "int static_start, int static_end, int runtime_id, int site_index) -> Tensor",
+    attention, _attention_fake)

@@ -27,6 +27,7 @@ import torch
 
 from chipmunk_compile import runtime
 from chipmunk_compile.kernels.dispatch import implementation
+from chipmunk_compile.kernels.op_registration import register_stateful_op
 from chipmunk_compile.kernels.mlp_reference import (ACTIVATIONS, block_mean_preactivation, hidden_units,
                                                      unit_scores)
 from chipmunk_compile.kernels.selection_reference import select_topk_with_random
@@ -69,9 +70,6 @@ def as_token_batches(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-# cudagraph_unsafe: host-side plan per call (see attention_op.py).
-@torch.library.custom_op("chipmunk::mlp", mutates_args=("y_cache", "a_cache", "hbar_cache", "indices"),
-                         tags=(torch.Tag.cudagraph_unsafe,))
 def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up: torch.Tensor | None,
         b_up: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, y_cache: torch.Tensor,
         a_cache: torch.Tensor, hbar_cache: torch.Tensor, indices: torch.Tensor, activation: str,
@@ -116,7 +114,15 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
     return y_cache[inv].to(x.dtype, copy=True).reshape(out_shape)
 
 
-@mlp.register_fake
-def _(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation, runtime_id,
-      site_index):
+def _mlp_fake(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation, runtime_id,
+              site_index):
     return x.new_empty((*x.shape[:-1], w2.shape[0]))
+
+
+# Host-side plan per call: registered cudagraph_unsafe (see op_registration.py).
+mlp_op = register_stateful_op(
+    "chipmunk::mlp",
+    "(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor? w_up, Tensor? b_up, Tensor w2, Tensor? b2, "
+    "Tensor(a!) y_cache, Tensor(b!) a_cache, Tensor(c!) hbar_cache, Tensor(d!) indices, str activation, "
+    "int runtime_id, int site_index) -> Tensor",
+    mlp, _mlp_fake)
