@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from chipmunk_compile.kernels.launch import CachedLaunch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
@@ -228,6 +230,9 @@ _dense_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "HAS_CS", 
                                     reset_to_zero=["CS"])(_dense_attn)
 
 
+_dense_attn_launch = CachedLaunch(_dense_attn_tuned)
+
+
 def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -301,7 +306,7 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG
     if config is None:
-        _dense_attn_tuned[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)](*args, **meta)
+        _dense_attn_launch(lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H), args, meta)
     else:
         config = {"CS_MODE": CS_MODE, "ANCHOR": ANCHOR, **config}
         _dense_attn[(triton.cdiv(Nq, config["BLOCK_M"]), B * H)](*args, **meta, **config)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from chipmunk_compile.kernels.launch import CachedLaunch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
@@ -207,6 +209,9 @@ _sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_si
                                      restore_value=["OUT"])(_sparse_attn_kernel)
 
 
+_sparse_attn_launch = CachedLaunch(_sparse_attn_tuned)
+
+
 def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -235,7 +240,7 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
         config = _DEFAULT_CONFIG
     if config is None:
         grid = lambda m: (num_groups * triton.cdiv(group_size, _tile_rows(m)), B * H)  # noqa: E731
-        _sparse_attn_tuned[grid](*args, **meta)
+        _sparse_attn_launch(grid, args, meta)
     else:
         config = _normalize_config(config)
         grid = (num_groups * triton.cdiv(group_size, _tile_rows(config)), B * H)

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from chipmunk_compile.kernels.launch import CachedLaunch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
 
@@ -210,6 +212,10 @@ _mm1_tuned = triton.autotune(_MM1_CONFIGS, key=["N", "C", "n_sel", "GATED", "BLO
 _mm2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "Dout", "n_sel", "BLOCK_T"], restore_value=["Y"])(_mm2)
 
 
+_mm1_launch = CachedLaunch(_mm1_tuned)
+_mm2_launch = CachedLaunch(_mm2_tuned)
+
+
 def _grid1(grid_t, n_sel, B):
     return lambda m: (grid_t * triton.cdiv(n_sel, m["BLOCK_F"]), B)
 
@@ -256,9 +262,9 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
         config = {"mm1": _MM1_DEFAULT, "mm2": _MM2_DEFAULT}
     if config is None:
         if run_mm1:
-            _mm1_tuned[_grid1(grid_t, n_sel, B)](*mm1_args, **mm1_meta)
+            _mm1_launch(_grid1(grid_t, n_sel, B), mm1_args, mm1_meta)
         if run_mm2:
-            _mm2_tuned[_grid2(grid_t, Dout, B)](*mm2_args, **mm2_meta)
+            _mm2_launch(_grid2(grid_t, Dout, B), mm2_args, mm2_meta)
     else:
         c1 = {"GROUP_T": 0, **config["mm1"]}
         c2 = {"GROUP_T": 0, **config["mm2"]}

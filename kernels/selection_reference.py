@@ -24,8 +24,9 @@ def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
     k_total = selection_size(n, num_top, num_random, num_forced)
     if k_total == n:
         return torch.arange(n, device=scores.device).expand(*scores.shape[:-1], n).contiguous()
-    s = scores.float().clone()
+    s = scores.float()
     if forced is not None:
+        s = s.clone()  # the caller's scores stay untouched
         s[..., forced[0]:forced[1]] = float("inf")
     num_top_total = min(n, num_forced + num_top)
     num_random = k_total - num_top_total

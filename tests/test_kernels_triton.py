@@ -24,6 +24,9 @@ from chipmunk_compile.kernels import attention_reference as attn_ref  # noqa: E4
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
 from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
+from chipmunk_compile.kernels.launch import CachedLaunch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3}
 
@@ -241,3 +244,29 @@ def test_sparse_mlp_without_biases():
     mlp_tr.sparse_mlp_update(x, w_gate, None, w_up, None, w2, "silu", indices, a, y, T)
     _close(a, a_ref, torch.float32, "a_cache")
     _close(y, y_ref, torch.float32, "y_cache")
+
+
+@triton.jit
+def _scaled_copy(X, Y, n, factor, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if EVEN:
+        tl.store(Y + offs, tl.load(X + offs) * factor)
+    else:
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * factor, mask=offs < n)
+
+
+_scaled_copy_tuned = triton.autotune([triton.Config({"BLOCK": 16}, num_warps=1)], key=["n"])(
+    triton.heuristics({"EVEN": lambda a: a["n"] % a["BLOCK"] == 0})(_scaled_copy))
+
+
+def test_cached_launch_reuses_config_heuristics_and_grid_per_key():
+    launch = CachedLaunch(_scaled_copy_tuned)
+    for n, factor in ((40, 2.0), (40, 2.0), (48, 3.0), (40, 2.0), (7, -1.0)):
+        x = torch.randn(n)
+        y = torch.full((n,), float("nan"))
+        launch(lambda m: (triton.cdiv(n, m["BLOCK"]),), (x, y, n, factor), {})
+        torch.testing.assert_close(y, x * factor)
+    # One entry per distinct (scalars, dtypes, meta): the repeats went through the cached launch.
+    assert len(launch._cache) == 3
+    (grid40, kwargs40), = [v for k, v in launch._cache.items() if k[0][2] == 40]
+    assert grid40 == (3,) and kwargs40["BLOCK"] == 16 and kwargs40["EVEN"] is False
