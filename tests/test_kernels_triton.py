@@ -200,6 +200,13 @@ MLP_CASES = [
     (2, 100, 48, 64, 40, 16, 20, "gelu_tanh", True, torch.float32, True,
      {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "GROUP_T": 2, "num_warps": 4, "num_stages": 1},
       "mm2": {"BLOCK_D": 16, "BLOCK_K": 16, "GROUP_T": 3, "num_warps": 4, "num_stages": 1}}),
+    # The output cache updated with atomic adds instead of read-modify-write (ragged and full tiles).
+    (2, 45, 48, 64, 40, 16, 20, "gelu_tanh", False, torch.float16, True,
+     {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+      "mm2": {"BLOCK_D": 16, "BLOCK_K": 16, "Y_ATOMIC": 1, "num_warps": 4, "num_stages": 1}}),
+    (1, 64, 32, 64, 32, 16, 32, "silu", True, torch.float32, True,
+     {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+      "mm2": {"BLOCK_D": 16, "BLOCK_K": 16, "Y_ATOMIC": 1, "GROUP_T": 2, "num_warps": 4, "num_stages": 1}}),
 ]
 
 
