@@ -275,5 +275,6 @@ def test_cached_launch_reuses_config_heuristics_and_grid_per_key():
         torch.testing.assert_close(y, x * factor)
     # One entry per distinct (scalars, dtypes, meta): the repeats went through the cached launch.
     assert len(launch._cache) == 3
-    (grid40, kwargs40), = [v for k, v in launch._cache.items() if k[0][2] == 40]
+    (grid40, kwargs40, runner, _), = [v for k, v in launch._cache.items() if k[0][2] == 40]
     assert grid40 == (3,) and kwargs40["BLOCK"] == 16 and kwargs40["EVEN"] is False
+    assert runner is None  # the interpreter has no compiled binary: repeats go through JITFunction.run
