@@ -9,7 +9,8 @@ Part 2, speed (a FLUX-width transformer: 3072 wide, 24 heads of 128, 2 double + 
 image = 4096 image + 512 text tokens, bf16): median step time of plain Inductor vs chipmunk on dense steps,
 sparse steps and over a whole 50-step schedule (per step with a sync after each, and a whole generation with
 one sync at the end), plus every host synchronisation the chipmunk steps make.
-Prints a table; writes backend_<gpu>.json to $OUT or benchmarks/results.
+Prints a table; writes backend_<gpu>.json to $OUT or benchmarks/results. ``--speed-only``: part 2 in the default
+torch.compile mode only.
 """
 from __future__ import annotations
 
@@ -194,9 +195,12 @@ def part2(torch_mode=None):
 def main():
     gpu = torch.cuda.get_device_name()
     RESULTS.update(device=gpu, torch=torch.__version__, triton=triton.__version__)
-    part1()
+    speed_only = "--speed-only" in __import__("sys").argv   # part 2 in default mode only
+    if not speed_only:
+        part1()
     part2()
-    part2("reduce-overhead")
+    if not speed_only:
+        part2("reduce-overhead")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()

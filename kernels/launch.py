@@ -12,13 +12,19 @@ tensor's dtype, device and 16-byte alignment, and the meta-parameters: everythin
 the grid and Triton's specialisation (pointer alignment, integer value 1 / multiples of 16 / width) are computed
 from. So a cached binary is only reused for arguments that would have selected the same binary. Where the
 compiled kernel is not available (the CPU interpreter) or launch hooks are installed (profilers), every call goes
-through JITFunction.run with the cached configuration instead.
+through JITFunction.run with the cached configuration instead (also with CHIPMUNK_DIRECT_LAUNCH=0).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from triton import knobs
 from triton.runtime.autotuner import Autotuner, Heuristics
+
+
+# CHIPMUNK_DIRECT_LAUNCH=0 keeps every launch on JITFunction.run (for A/B timing and as an escape hatch).
+DIRECT = os.environ.get("CHIPMUNK_DIRECT_LAUNCH", "1") != "0"
 
 
 def _arg_key(a):
@@ -41,7 +47,7 @@ class CachedLaunch:
         hit = self._cache.get(key)
         if hit is not None:
             grid, kwargs, runner, constexprs = hit
-            if runner is not None and knobs.runtime.launch_enter_hook is None:
+            if runner is not None and DIRECT and knobs.runtime.launch_enter_hook is None:
                 runner(*args, *constexprs)
             else:
                 self.jit.run(*args, grid=grid, warmup=False, **kwargs)
