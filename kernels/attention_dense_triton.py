@@ -8,7 +8,8 @@ computed for the tile) and r_i = exp(m_i - lse_prev_i). The tile's per-group col
 tensor cores as R @ P (R[16, BLOCK_M] holding r on the rows of each group the tile touches; CS_MODE 2) or with
 tl.sum (CS_MODE 1, cheaper for 64-row single-group tiles), and atomically added into cs[b, h, g, :]. Full key
 tiles run unmasked; only the ragged last key tile is masked. K/V may have fewer heads (GQA): query head h reads
-kv head h // (Hq // Hk).
+kv head h // (Hq // Hk). An optional per-key bias (``key_bias [B, Nk]``, a key-padding mask as 0 / -inf) is added
+to every score of its key.
 
 Anchored softmax (ANCHOR=1, with ``lse_prev``): the previous dense step's LSE is used as the fixed softmax shift
 instead of a running max, so p = exp(s - lse_prev) is at once the tile's attention weight (no max, no rescale of
@@ -36,12 +37,12 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
+def _attend_tile(q, k_base, v_base, kb_row, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
                  stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
                  D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                  HAS_CS: tl.constexpr, SINGLE_GROUP: tl.constexpr, MAX_G: tl.constexpr, CS_MODE: tl.constexpr,
-                 ANCHORED: tl.constexpr, PRECISION: tl.constexpr):
+                 ANCHORED: tl.constexpr, HAS_KB: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -54,6 +55,9 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
         v_mask = v_mask & (offs_n[:, None] < Nk)
     kt = tl.load(k_ptrs, mask=k_mask, other=0.0)
     qk = tl.dot(q, kt, input_precision=PRECISION)
+    if HAS_KB:
+        # Per-key score bias (key-padding mask), pre-divided by the scale: (s + kb) * scale = s*scale + bias.
+        qk += tl.load(kb_row + offs_n, mask=offs_n < Nk, other=0.0)[None, :]
     if MASK_N:
         qk = tl.where(offs_n[None, :] < Nk, qk, float("-inf"))
     if ANCHORED:
@@ -121,28 +125,29 @@ def _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_ro
 
 
 @triton.jit
-def _attend_all_keys(q, k_base, v_base, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
+def _attend_all_keys(q, k_base, v_base, kb_row, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
                      D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CS: tl.constexpr, SINGLE_GROUP: tl.constexpr,
-                     MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHORED: tl.constexpr, PRECISION: tl.constexpr):
+                     MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHORED: tl.constexpr, HAS_KB: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """Full key tiles unmasked, then the ragged last tile masked."""
     n_full = (Nk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
-                                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, kb_row, start_n, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0,
+                                     offs_m, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
                                      D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, False, HAS_CS, SINGLE_GROUP, MAX_G,
-                                     CS_MODE, ANCHORED, PRECISION)
+                                     CS_MODE, ANCHORED, HAS_KB, PRECISION)
     if n_full < Nk:
-        m_i, l_i, acc = _attend_tile(q, k_base, v_base, n_full, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
-                                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, kb_row, n_full, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0,
+                                     offs_m, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
                                      D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, True, HAS_CS, SINGLE_GROUP, MAX_G,
-                                     CS_MODE, ANCHORED, PRECISION)
+                                     CS_MODE, ANCHORED, HAS_KB, PRECISION)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
+def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb,
                        stride_qb, stride_qh, stride_qn, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
@@ -150,6 +155,7 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
                        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                        HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr,
                        MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHOR: tl.constexpr, ANCHORED: tl.constexpr,
+                       HAS_KB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -178,20 +184,22 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS,
         m_i = lse_prev2
     cs_row = CS + pid_bh * num_groups * Nk
 
-    m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
+    kb_row = KB + b * stride_kbb
+    m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, kb_row, Nk, m_i, l_i, acc, lse_prev2, cs_row, row0, offs_m,
                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, group_size, Nq,
                                      D, DV, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, HAS_CS, SINGLE_GROUP, MAX_G, CS_MODE,
-                                     ANCHORED, PRECISION)
+                                     ANCHORED, HAS_KB, PRECISION)
     if ANCHORED:
         # Rows whose anchored normaliser left the safe range (the logits moved by more than ~40 nats since the
         # previous dense step) are redone with the online softmax; the column mass is already complete.
         bad = m_valid & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
         if tl.sum(bad.to(tl.int32)) > 0:
-            m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, Nk, tl.full([BLOCK_M], float("-inf"), tl.float32),
+            m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, kb_row, Nk,
+                                             tl.full([BLOCK_M], float("-inf"), tl.float32),
                                              tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, DV_PAD], tl.float32),
                                              lse_prev2, cs_row, row0, offs_m, stride_kn, stride_kd, stride_vn,
                                              stride_vd, qk_scale, group_size, Nq, D, DV, D_PAD, DV_PAD, BLOCK_M,
-                                             BLOCK_N, False, SINGLE_GROUP, MAX_G, CS_MODE, False, PRECISION)
+                                             BLOCK_N, False, SINGLE_GROUP, MAX_G, CS_MODE, False, HAS_KB, PRECISION)
 
     o = acc / l_i[:, None]
     o_ptrs = O + pid_bh * Nq * DV + offs_m[:, None] * DV + offs_dv[None, :]
@@ -226,11 +234,23 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "CS_MODE": 2, "ANCHOR": 0}, num_warps=8, num_stages=3),
 ]
 # CS is accumulated with atomics, so every benchmarking run of the autotuner must start from zeros.
-_dense_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "HAS_CS", "kv_group", "Nq", "Nk"],
+_dense_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "HAS_CS", "HAS_KB", "kv_group", "Nq", "Nk"],
                                     reset_to_zero=["CS"])(_dense_attn)
 
 
 _dense_attn_launch = CachedLaunch(_dense_attn_tuned)
+
+
+def _scaled_key_bias(key_bias, batch: int, num_keys: int, scale: float):
+    """(key_bias / scale as contiguous-per-row float32 [B, Nk] with its batch stride, or (None, 0)): the kernels
+    add it to the raw q.k score before scaling."""
+    if key_bias is None:
+        return None, 0
+    assert key_bias.shape == (batch, num_keys), (tuple(key_bias.shape), (batch, num_keys))
+    kb = key_bias.to(torch.float32) / scale
+    if kb.stride(-1) != 1:
+        kb = kb.contiguous()
+    return kb, kb.stride(0)
 
 
 def _pad_dim(d: int) -> int:
@@ -274,7 +294,8 @@ def vendor_attention_with_lse(q, k, v, scale: float):
     return None
 
 
-def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None):
+def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None,
+                                key_bias=None):
     """(o [B,H,Nq,Dv] in q.dtype, lse fp32 [B,H,Nq], column mass fp32 [B,H,ceil(Nq/G),Nk] or None).
 
     ``config`` forces one launch configuration (tests); by default the GPU autotunes and the interpreter uses a
@@ -285,7 +306,7 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
     Hk, Nk, DV = k.shape[1], k.shape[2], v.shape[3]
     assert k.shape[0] == B and v.shape[:3] == k.shape[:3] and k.shape[3] == D and H % Hk == 0
     assert max(D, DV) <= 256, "head dims above 256 are not supported"
-    if lse_prev is None and config is None and USE_VENDOR_LSE:
+    if lse_prev is None and config is None and USE_VENDOR_LSE and key_bias is None:
         vendor = vendor_attention_with_lse(q, k, v, scale)
         if vendor is not None:
             return vendor[0], vendor[1], None
@@ -299,9 +320,10 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
     else:
         lse_prev = lse
         cs = torch.empty((1,), dtype=torch.float32, device=q.device)
-    args = (q, k, v, o, lse, lse_prev, cs, *q.stride(), *k.stride(), *v.stride(),
-            H, H // Hk, Nq, Nk, num_groups, group_size, scale * _LOG2E)
-    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV), HAS_CS=has_cs,
+    kb, kb_stride = _scaled_key_bias(key_bias, B, Nk, scale)
+    args = (q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
+            *v.stride(), H, H // Hk, Nq, Nk, num_groups, group_size, scale * _LOG2E)
+    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV), HAS_CS=has_cs, HAS_KB=kb is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG

@@ -1,8 +1,11 @@
 """``torch.ops.chipmunk.attention``: the stateful delta-cache attention op that replaces an SDPA site.
 
 Before (Dynamo graph)                       After
-    o = sdpa(q, k, v, scale=s)                  o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices,
+    o = sdpa(q, k, v, [mask], scale=s)          o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices, mask,
                                                                        s, static_start, static_end, rt, site)
+
+``mask`` is None or a key-padding mask [B|1, 1, 1, Nk] (bool: True = attend, or additive float), applied by every
+plan as a per-key score bias; masked keys are never selected by the top-k.
 
 The caches are GraphModule buffers with a leading invocation axis ([I, B, H, ...]); the op mutates only the
 slice of the current invocation. What it does at a call depends on the host-side runtime (step, flags):
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from chipmunk_compile import runtime
+from chipmunk_compile.kernels.attention_reference import key_bias_from_mask
 from chipmunk_compile.kernels.dispatch import implementation
 from chipmunk_compile.kernels.op_registration import register_stateful_op
 from chipmunk_compile.kernels.selection_reference import select_topk_with_random
@@ -55,15 +59,17 @@ def choose_plan(rt, flags) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.Tensor, lse_cache: torch.Tensor,
-              indices: torch.Tensor, scale: float, static_start: int, static_end: int, runtime_id: int,
-              site_index: int) -> torch.Tensor:
+              indices: torch.Tensor, key_mask: torch.Tensor | None, scale: float, static_start: int,
+              static_end: int, runtime_id: int, site_index: int) -> torch.Tensor:
     rt = runtime.lookup(runtime_id)
     flags = rt.site_flags(site_index)
     plan = choose_plan(rt, flags)
     rt.count(f"attention:{plan}")
     if plan == "dense":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1]).contiguous()
+    # A key-padding mask [B|1, 1, 1, Nk] becomes a per-key score bias (0 / -inf, or the float mask itself).
+    key_bias = None if key_mask is None else key_bias_from_mask(key_mask, q.shape[0], k.shape[2])
 
     opts, inv = rt.options, rt.invocation
     group = opts.attn_query_group
@@ -71,11 +77,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     delta_fn = implementation("sparse_attention_delta", opts.kernels, q.device)
 
     if plan == "sparse":
-        return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0)
+        return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0, key_bias=key_bias)
 
     lse_prev = lse_cache[inv] if plan == "dense_select" else None
-    o, lse, colmass = dense_fn(q, k, v, scale, lse_prev, group)
+    o, lse, colmass = dense_fn(q, k, v, scale, lse_prev, group, key_bias=key_bias)
     if plan == "dense_select":
+        if key_bias is not None:  # masked keys rank last (their mass is 0 already; ties must not pick them)
+            colmass = colmass.masked_fill(key_bias[:, None, None, :] == float("-inf"), float("-inf"))
         num_keys = k.shape[2]
         forced = (static_start, static_end) if static_end > static_start else None
         num_top, num_random, _ = attention_selection_counts(num_keys, static_end - static_start, opts)
@@ -85,18 +93,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     lse_cache[inv].copy_(lse)
     flags.has_lse = True
     if plan in ("dense_select", "dense_cache"):
-        delta_fn(q, k, v, scale, indices[inv], group, o, -1.0, out=o_cache[inv])
+        delta_fn(q, k, v, scale, indices[inv], group, o, -1.0, out=o_cache[inv], key_bias=key_bias)
         flags.has_cache = True
     return o
 
 
-def _attention_fake(q, k, v, o_cache, lse_cache, indices, scale, static_start, static_end, runtime_id, site_index):
+def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_mask, scale, static_start, static_end, runtime_id,
+                    site_index):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 # The plan is chosen on the host at every call: registered cudagraph_unsafe (see op_registration.py).
 attention_op = register_stateful_op(
     "chipmunk::attention",
-    "(Tensor q, Tensor k, Tensor v, Tensor(a!) o_cache, Tensor(b!) lse_cache, Tensor(c!) indices, float scale, "
-    "int static_start, int static_end, int runtime_id, int site_index) -> Tensor",
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) o_cache, Tensor(b!) lse_cache, Tensor(c!) indices, "
+    "Tensor? key_mask, float scale, int static_start, int static_end, int runtime_id, int site_index) -> Tensor",
     attention, _attention_fake)

@@ -9,7 +9,8 @@ tiles only, so the normaliser covers exactly the selected columns. Each gathered
 Full index chunks run unmasked; only a ragged last chunk masks its tail. The epilogue reads base, adds
 sign * acc / l and writes out (out may alias base: every element is read and written by the same program).
 Programs of one group are adjacent in launch order so their K/V gathers share L2. GQA: query head h reads kv
-head h // (Hq // Hk). Configs may still name ``M_SUB`` (1 or 3 stacked BLOCK_M sub-tiles).
+head h // (Hq // Hk). An optional per-key score bias (key-padding mask) is gathered with the keys. Configs may
+still name ``M_SUB`` (1 or 3 stacked BLOCK_M sub-tiles).
 
 Same semantics as ``attention_reference.sparse_attention_delta`` (plus an optional ``out``).
 """
@@ -21,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from chipmunk_compile.kernels.attention_dense_triton import _scaled_key_bias
 from chipmunk_compile.kernels.launch import CachedLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,9 +38,11 @@ def _load_rows(ptr, stride_b, stride_h, stride_n, stride_d, b, h, rows, row_end,
 
 
 @triton.jit
-def _online_softmax_step(q, kt, v, m_i, l_i, acc, col_ok, qk_scale,
-                         MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _online_softmax_step(q, kt, v, kb, m_i, l_i, acc, col_ok, qk_scale,
+                         MASK_N: tl.constexpr, HAS_KB: tl.constexpr, PRECISION: tl.constexpr):
     qk = tl.dot(q, kt, input_precision=PRECISION)
+    if HAS_KB:
+        qk += kb[None, :]
     if MASK_N:
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
     # log2 units: one FMA (scale, subtract the running max) and one exp2 per score; P @ V accumulates in place.
@@ -52,11 +56,11 @@ def _online_softmax_step(q, kt, v, m_i, l_i, acc, col_ok, qk_scale,
 
 
 @triton.jit
-def _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel, s0, s1, s2,
+def _gathered_chunk(q0, q1, q2, k_base, v_base, kb_base, idx_base, start, n_sel, s0, s1, s2,
                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                     BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    MASK_N: tl.constexpr, HAS_KB: tl.constexpr, PRECISION: tl.constexpr):
     offs_k = start + tl.arange(0, BLOCK_N)
     col_ok = offs_k < n_sel
     if MASK_N:
@@ -70,14 +74,20 @@ def _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel, s0, s1, 
                  mask=offs_d[:, None] < D, other=0.0)
     v = tl.load(v_base + idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=offs_dv[None, :] < DV, other=0.0)
+    kb = col_ok.to(tl.float32)  # unused unless HAS_KB
+    if HAS_KB:
+        kb = tl.load(kb_base + idx)  # the selected keys' score bias (pre-divided by the scale)
     m0, l0, a0 = s0
-    s0 = _online_softmax_step(q0, kt, v, m0, l0, a0, col_ok, qk_scale, MASK_N, PRECISION)
+    s0 = _online_softmax_step(q0, kt, v, kb, m0, l0, a0, col_ok, qk_scale, MASK_N, HAS_KB,
+                                  PRECISION)
     if BLOCK_M1 > 0:
         m1, l1, a1 = s1
-        s1 = _online_softmax_step(q1, kt, v, m1, l1, a1, col_ok, qk_scale, MASK_N, PRECISION)
+        s1 = _online_softmax_step(q1, kt, v, kb, m1, l1, a1, col_ok, qk_scale, MASK_N, HAS_KB,
+                                  PRECISION)
     if BLOCK_M2 > 0:
         m2, l2, a2 = s2
-        s2 = _online_softmax_step(q2, kt, v, m2, l2, a2, col_ok, qk_scale, MASK_N, PRECISION)
+        s2 = _online_softmax_step(q2, kt, v, kb, m2, l2, a2, col_ok, qk_scale, MASK_N, HAS_KB,
+                                  PRECISION)
     return s0, s1, s2
 
 
@@ -102,7 +112,7 @@ def _init_state(BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
 
 
 @triton.jit
-def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT,
+def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
                         stride_qb, stride_qh, stride_qn, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -110,7 +120,7 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT,
                         stride_ob, stride_oh, stride_on, stride_od,
                         H, kv_group, Nq, num_groups, group_size, n_sel, qk_scale, sign,
                         D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                        PRECISION: tl.constexpr,
+                        PRECISION: tl.constexpr, HAS_KB: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     # A program's query tile: sub-tiles of BLOCK_M, BLOCK_M1, BLOCK_M2 rows (0 = absent), stacked.
@@ -147,17 +157,18 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT,
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     idx_base = IDX + (pid_bh * num_groups + g) * n_sel
+    kb_base = KB + b * stride_kbb
     n_full = (n_sel // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
-        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, start, n_sel,
+        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, kb_base, idx_base, start, n_sel,
                                                  state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
                                                  qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, False,
-                                                 PRECISION)
+                                                 HAS_KB, PRECISION)
     if n_full < n_sel:
-        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, idx_base, n_full, n_sel,
+        state0, state1, state2 = _gathered_chunk(q0, q1, q2, k_base, v_base, kb_base, idx_base, n_full, n_sel,
                                                  state0, state1, state2, stride_kn, stride_kd, stride_vn, stride_vd,
                                                  qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_M1, BLOCK_M2, BLOCK_N, True,
-                                                 PRECISION)
+                                                 HAS_KB, PRECISION)
 
     _store_delta(state0, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh, stride_on,
                  stride_od, b, h, rows0, row_end, sign, DV, DV_PAD)
@@ -205,7 +216,7 @@ _CONFIGS = [
     _cfg(128, 64, 8, 4, bm1=64),
 ]
 # The autotuner runs the kernel several times; OUT may alias BASE, so restore it after every trial.
-_sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_size", "kv_group", "Nq"],
+_sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_size", "kv_group", "Nq", "HAS_KB"],
                                      restore_value=["OUT"])(_sparse_attn_kernel)
 
 
@@ -217,7 +228,7 @@ def _pad_dim(d: int) -> int:
 
 
 def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base, sign: float,
-                           out=None, config: dict | None = None):
+                           out=None, config: dict | None = None, key_bias=None):
     """``base + sign * P^S`` written into ``out`` (a new tensor like base when None; may be base itself).
 
     ``config`` forces one launch configuration (tests); by default the GPU autotunes and the interpreter uses a
@@ -232,9 +243,11 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
     indices = indices.contiguous()
     if out is None:
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-    args = (q, k, v, indices, base, out, *q.stride(), *k.stride(), *v.stride(), *base.stride(), *out.stride(),
+    kb, kb_stride = _scaled_key_bias(key_bias, B, k.shape[2], scale)
+    args = (q, k, v, indices, base, out, out if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
+            *v.stride(), *base.stride(), *out.stride(),
             H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign))
-    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV),
+    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV), HAS_KB=kb is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG

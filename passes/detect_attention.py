@@ -6,8 +6,9 @@ Two shapes are recognised (both produce a ``Site(kind="attention")`` whose nodes
              (positional or keyword arguments, as diffusers' processors and dispatch_attention_fn pass them)
     manual:  s = q @ k.transpose(-2, -1) [* c | / c];  p = softmax(s, dim=-1) [.to(dtype)];  o = p @ v
 
-A site is left dense (``reason`` says why) for an attention mask, dropout, causal attention, cross-attention
-(keys from another sequence than the queries), an unsupported dtype/device or a non-constant scale.
+A site is left dense (``reason`` says why) for an attention mask other than a key-padding mask [B|1, 1, 1, Nk]
+(which is kept as the site's ``key_mask`` node), dropout, causal attention, cross-attention (keys from another
+sequence than the queries), an unsupported dtype/device or a non-constant scale.
 """
 from __future__ import annotations
 
@@ -47,12 +48,30 @@ def _tensor_reason(q, k, v) -> str:
     return ""
 
 
+def _key_padding_reason(mask, q, k) -> str:
+    """'' for a key-padding mask (one row of keys per sample, shared by every head and query: [B|1, 1, 1, Nk],
+    bool or additive float); otherwise why the masked site stays dense."""
+    fm, fq, fk = fake(mask) if isinstance(mask, fx.Node) else None, fake(q), fake(k)
+    if fm is None:
+        return "attention mask without shape information (stays dense)"
+    if fq.dim() != 4:
+        return "attention mask on 3-D attention (stays dense)"
+    batch, num_keys = fq.shape[0], fk.shape[-2]
+    if fm.dim() != 4 or tuple(fm.shape[1:]) != (1, 1, num_keys) or fm.shape[0] not in (1, batch):
+        return (f"attention mask of shape {tuple(fm.shape)}: only key-padding masks [B, 1, 1, {num_keys}] take the "
+                "sparse path (other masks stay dense)")
+    if fm.dtype != torch.bool and not fm.dtype.is_floating_point:
+        return f"attention mask of dtype {fm.dtype} (bool or floating masks supported)"
+    return ""
+
+
 def _sdpa_site(node: fx.Node) -> Site:
     args = bind(node, _SDPA_ARGS, _SDPA_DEFAULTS)
     q, k, v = args["query"], args["key"], args["value"]
     reason = _tensor_reason(q, k, v)
-    if not reason and args["attn_mask"] is not None:
-        reason = "attention mask (masked attention stays dense)"
+    mask = args["attn_mask"]
+    if not reason and mask is not None:
+        reason = _key_padding_reason(mask, q, k)
     if not reason and args["dropout_p"] != 0.0:
         reason = "dropout in attention"
     if not reason and args["is_causal"] is not False:
@@ -65,8 +84,10 @@ def _sdpa_site(node: fx.Node) -> Site:
     if not reason and scale is None:
         scale = 1.0 / math.sqrt(fake(q).shape[-1])
     module = innermost_module(node)
-    return Site(kind="attention", module=module, block=block_of(node), variant="sdpa",
-                nodes={"q": q, "k": k, "v": v, "out": node}, reason=reason,
+    nodes = {"q": q, "k": k, "v": v, "out": node}
+    if mask is not None and not reason:
+        nodes["key_mask"] = mask
+    return Site(kind="attention", module=module, block=block_of(node), variant="sdpa", nodes=nodes, reason=reason,
                 details={"scale": scale} if scale is not None else {})
 
 

@@ -1,11 +1,12 @@
 """Rewrites an attention site into ``torch.ops.chipmunk.attention`` with its cache buffers.
 
 Before                                         After
-    o = sdpa(q, k, v, scale=s)                     o_cache   = get_attr chipmunk_s3_o_cache     [I, B, H, N, Dv]
+    o = sdpa(q, k, v, [mask], scale=s)             o_cache   = get_attr chipmunk_s3_o_cache     [I, B, H, N, Dv]
       (or softmax(q @ k^T * s) @ v)                lse_cache = get_attr chipmunk_s3_lse          [I, B, H, N] f32
                                                    indices   = get_attr chipmunk_s3_indices      [I, B, H, G, K]
                                                    o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices,
-                                                                          s, static_lo, static_hi, rt, 3)
+                                                                          mask, s, static_lo, static_hi, rt, 3)
+A key-padding ``mask`` [B|1, 1, 1, Nk] is passed through (None without one).
 
 3-D attention ([B, N, D]) is viewed as one head: q.unsqueeze(1) ... o.squeeze(1).
 """
@@ -48,8 +49,8 @@ def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_i
         if three_d:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
         new = graph.call_function(torch.ops.chipmunk.attention.default,
-                                  (q, k, v, o_cache, lse_cache, indices, float(site.details["scale"]),
-                                   static_lo, static_hi, runtime_id, site_index))
+                                  (q, k, v, o_cache, lse_cache, indices, site.nodes.get("key_mask"),
+                                   float(site.details["scale"]), static_lo, static_hi, runtime_id, site_index))
         result = graph.call_method("squeeze", (new, 1)) if three_d else new
     new.meta.update(out.meta)
     out.replace_all_uses_with(result)

@@ -12,8 +12,8 @@ EXPECTED = {
     "flux": (2, 0, 3),            # double block joint attn + single block attn; ff, ff_context, fused proj_out
     "sd3": (1, 0, 1),             # one joint block (last block: context_pre_only, no ff_context)
     "wan": (1, 1, 1),             # self-attn rewritten, cross-attn to text left dense; ffn
-    "hunyuan_video": (0, 3, 4),   # all attention carries attn_mask (stays dense); refiner SiLU MLP, ff,
-                                  # ff_context, fused single-block proj_out
+    "hunyuan_video": (2, 1, 4),   # double + single block attention (key-padding mask), refiner attention left
+                                  # dense ([B, H, N, N] mask); refiner SiLU MLP, ff, ff_context, fused proj_out
     "pixart": (1, 1, 1),          # self-attn, cross-attn left dense, ff
     "cogvideox": (1, 0, 1),       # joint attention, ff
     "plain_dit": (2, 0, 2),       # hand-written softmax attention, SwiGLU with separate gate/up linears
@@ -44,7 +44,9 @@ def test_reasons_and_layers():
     assert any("first_dense_layers" in s.reason for s in report.sites)
     hunyuan, hunyuan_inputs = tiny_models.hunyuan_video()
     masked = chipmunk_compile.explain(hunyuan, options={"first_dense_layers": 0}, **hunyuan_inputs())
-    assert all("mask" in s.reason for s in masked.sites if s.kind == "attention")
+    attention = {s.module: s for s in masked.sites if s.kind == "attention"}
+    assert "key-padding" in attention["context_embedder.token_refiner.refiner_blocks.0.attn"].reason
+    assert attention["transformer_blocks.0.attn"].rewritten and attention["single_transformer_blocks.0.attn"].rewritten
 
 
 def test_flux_layers_count_double_and_single_blocks():

@@ -103,3 +103,23 @@ def test_selection_forced_top_random():
     batch = scores.expand(3, 1, 8)
     same = select_topk_with_random(batch, 2, 1, forced, torch.Generator().manual_seed(0))
     assert all(torch.equal(same[b], idx[0]) for b in range(3))  # the draw does not depend on the batch
+
+
+def test_reference_key_bias_matches_masked_sdpa():
+    """A key-padding mask [B, 1, 1, N] as key_bias gives what SDPA gives with that mask, and the sparse delta with
+    all columns selected equals it too."""
+    gen = torch.Generator().manual_seed(2)
+    B, H, N, D = 2, 3, 40, 8
+    q, k, v = (torch.randn(B, H, N, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    keep = torch.arange(N)[None, :] < torch.tensor([N - 5, N - 11])[:, None]
+    mask = keep[:, None, None, :]
+    kb = attn_ref.key_bias_from_mask(mask, B, N).double()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    o, _ = attn_ref.dense_attention_with_lse(q, k, v, D ** -0.5, kb)
+    torch.testing.assert_close(o, expected)
+    every = torch.arange(N).expand(B, H, 2, N)
+    delta = attn_ref.sparse_attention_delta(q, k, v, D ** -0.5, every, 20, torch.zeros_like(q), 1.0, key_bias=kb)
+    torch.testing.assert_close(delta, expected)
+    float_mask = torch.randn(B, 1, 1, N, generator=gen, dtype=torch.float64)
+    o, _ = attn_ref.dense_attention_with_lse(q, k, v, D ** -0.5, attn_ref.key_bias_from_mask(float_mask, B, N))
+    torch.testing.assert_close(o, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=float_mask))

@@ -81,7 +81,8 @@ def hunyuan_video():
         g = _gen(seed)
         return dict(hidden_states=latents if latents is not None else torch.randn(batch, 4, 2, size, size, generator=g),
                     encoder_hidden_states=torch.randn(batch, 6, 32, generator=g),
-                    encoder_attention_mask=torch.ones(batch, 6, dtype=torch.long),
+                    # The last text tokens are padding (sample b: 1 + b of them): a key-padding attention mask.
+                    encoder_attention_mask=(torch.arange(6)[None, :] < 5 - torch.arange(batch)[:, None]).long(),
                     pooled_projections=torch.randn(batch, 32, generator=g),
                     timestep=torch.full((batch,), 1000.0 - step * 20), guidance=torch.full((batch,), 3.5),
                     return_dict=False)
