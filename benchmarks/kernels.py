@@ -6,7 +6,8 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
 - attention_hunyuan: column-sparse delta kernel, B1 H24 N118800 d128, 93/85/70% sparsity, vs SDPA; ideal =
   SDPA of all queries over only the K kept keys (k/v sliced);
 - attention_flux: N4608 and N16896, 83.5% sparsity, same comparison;
-- dense_step: dense kernel with LSE + column mass (and without) vs SDPA (the dense-step overhead);
+- dense_step: the first dense step (O + LSE: cuDNN/flash through PyTorch where they apply, else Triton; the
+  Triton time is recorded too) and the dense kernel with LSE + column mass vs SDPA (the dense-step overhead);
 - mlp: full sparse step (block-mean scoring GEMM + torch.topk + mm1 + mm2 with fused write-back) vs the dense
   torch MLP; ideal = dense time x kept fraction;
 - attention_selection: torch.topk over the column mass of a dense step, and the share of the sparse step

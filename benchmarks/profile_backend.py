@@ -20,12 +20,18 @@ import chipmunk_compile
 from backend_gpu import flux, inputs, step_times
 
 
-@torch.no_grad()
-def main():
+def warm_plain_model():
+    """The FLUX-width benchmark model, its inputs and a warmed-up plain Inductor compile of it."""
     model = flux(24, 128, 2, 4, text_dim=4096)
     inp = inputs(64, 512, text_dim=4096)
     plain = torch.compile(model)
     step_times(plain, inp, 3, 0)
+    return model, inp, plain
+
+
+@torch.no_grad()
+def main():
+    model, inp, plain = warm_plain_model()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         plain(**inp)
         torch.cuda.synchronize()
@@ -66,10 +72,7 @@ def launch_ms(fn, inp, steps):
 
 @torch.no_grad()
 def host():
-    model = flux(24, 128, 2, 4, text_dim=4096)
-    inp = inputs(64, 512, text_dim=4096)
-    plain = torch.compile(model)
-    step_times(plain, inp, 3, 0)
+    model, inp, plain = warm_plain_model()
     print(f"plain inductor host ms per step: {statistics.median(launch_ms(plain, inp, 20)):.2f}")
     torch._dynamo.reset()
     ours = torch.compile(model, backend="chipmunk", options={"first_dense_layers": 0, "num_steps": 50})
