@@ -1,0 +1,116 @@
+"""Compiles the Triton kernels for a Hopper GPU on any machine (no GPU needed) and reports their resources.
+
+The CPU interpreter checks what the kernels compute but never runs Triton's GPU compiler, so a kernel can pass
+every CPU test and still fail to compile, or spill registers, on the H100. This script lowers each kernel variant
+the GPU uses (production tile configs; bf16; the stride-1 and 16-byte-alignment specialisations a real launch
+gets) to a cubin for ``--arch`` (default sm_90) with Triton's bundled ptxas, and prints registers, spilled bytes
+and shared memory per variant. ``--strict`` exits non-zero when a variant fails to compile.
+Usage: python benchmarks/compile_check.py [--arch 90] [--strict] [--only NAME_SUBSTRING]
+Must run without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from chipmunk_compile.kernels import attention_dense_triton as dense_tr
+from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr
+from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr
+
+_FLOAT_ARGS = {"qk_scale", "sign"}
+_H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90
+_HEAD = dict(D=128, DV=128, D_PAD=128, DV_PAD=128, PRECISION="tf32")
+
+
+def _variants():
+    """(name, jit function, pointer types, constexprs, stride args specialised to 1, num_warps, num_stages)."""
+    attn_ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", KB="*fp32")
+    for kb in (False, True):
+        sparse = sparse_tr._CONFIGS[0]
+        yield (f"sparse_attention kb={kb}", sparse_tr._sparse_attn_kernel,
+               dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16"),
+               dict(_HEAD, HAS_KB=kb, **sparse.kwargs),
+               ["stride_qd", "stride_kd", "stride_vd", "stride_bd", "stride_od"], sparse.num_warps, sparse.num_stages)
+    dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32")
+    for config in dense_tr._CONFIGS:
+        bm, cs_mode, anchor = config.kwargs["BLOCK_M"], config.kwargs["CS_MODE"], config.kwargs["ANCHOR"]
+        for has_cs, kb in ((True, False), (True, True), (False, False)):
+            constexprs = dict(_HEAD, HAS_CS=has_cs, HAS_KB=kb, SINGLE_GROUP=192 % bm == 0, MAX_G=(bm - 1) // 192 + 2,
+                              ANCHORED=bool(anchor) and has_cs, **config.kwargs)
+            yield (f"dense_attention BM{bm} cs_mode={cs_mode} anchor={anchor} colmass={has_cs} kb={kb}",
+                   dense_tr._dense_attn_kernel, dense_ptrs, constexprs, ["stride_qd", "stride_kd", "stride_vd"],
+                   config.num_warps, config.num_stages)
+    for config in mlp_tr._MM1_CONFIGS[:2]:
+        for gated in (False, True):
+            yield (f"mlp_mm1 {config.kwargs} gated={gated}", mlp_tr._mlp_mm1_kernel,
+                   dict(X="*bf16", WG="*bf16", BG="*bf16", WU="*bf16", BU="*bf16", IDX="*i64", ACACHE="*bf16",
+                        DELTA="*bf16"),
+                   dict(HAS_BG=True, GATED=gated, HAS_BU=gated, ACT=1, PRECISION="tf32", EVEN_C=True, FULL_T=True,
+                        BLOCK_T=128, **config.kwargs),
+                   ["stride_xc", "stride_wgc", "stride_wuc", "stride_an"], config.num_warps, config.num_stages)
+    for config in (mlp_tr._MM2_CONFIGS[0], mlp_tr._MM2_CONFIGS[-1]):
+        yield (f"mlp_mm2 {config.kwargs}", mlp_tr._mlp_mm2_kernel,
+               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),
+               dict(PRECISION="tf32", FULL_T=True, EVEN_K=True, EVEN_D=True, BLOCK_T=128, **config.kwargs),
+               ["stride_w2o", "stride_yo"], config.num_warps, config.num_stages)
+
+
+def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stages, arch):
+    constexprs = dict(constexprs, **{name: 1 for name in unit_strides})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+        if signature[name] not in ("constexpr", "fp32"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(stack.group(1)) if stack else None,
+                shared_bytes=kernel.metadata.shared)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--only", default="")
+    args = parser.parse_args()
+    assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET: the interpreter has no compiler"
+    failures = 0
+    for name, fn, pointers, constexprs, unit, warps, stages in _variants():
+        if args.only not in name:
+            continue
+        try:
+            r = compile_variant(fn, pointers, constexprs, unit, warps, stages, args.arch)
+            over = "  > H100 shared memory: cannot launch there (the autotuner skips it)" \
+                if r["shared_bytes"] > _H100_SHARED_BYTES else ""
+            print(f"ok    {name:90s} w{warps} s{stages}  regs {r['registers']}  spill {r['spill_bytes']} B  "
+                  f"smem {r['shared_bytes'] // 1024} KiB{over}", flush=True)
+        except Exception as exc:  # noqa: BLE001 (report every failing variant)
+            failures += 1
+            print(f"FAIL  {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+    if args.strict and failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
