@@ -34,12 +34,16 @@ import chipmunk_compile
 from chipmunk_compile.demo import one_call_kwargs
 from chipmunk_compile.flops import flops_saved, records_for_options, shape_records
 from chipmunk_compile.image_metrics import mean_finite, psnr, ssim, to_unit_range
+from chipmunk_compile.reference_model.data import IMAGE_SIZE
+from chipmunk_compile.reference_model.model import PACK
 
 PSNR_CAP = 100.0  # identical images (PSNR inf) count as 100 dB in means
 
 # The reference step cache's skipped steps of a 50-step schedule.
 REFERENCE_SKIPS_50 = (7, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 31, 33, 34, 35, 37, 38, 39, 41,
                       42, 43)
+
+REFERENCE_GRID = (1, IMAGE_SIZE // PACK, IMAGE_SIZE // PACK)  # the reference model's image tokens (1, 32, 32)
 
 # (name, options); options other than num_steps. ``dense_every`` sets both attention and MLP.
 CHIPMUNK_CONFIGS = [
@@ -54,6 +58,11 @@ CHIPMUNK_CONFIGS = [
     ("fdl0_dense_every5", {"first_dense_layers": 0, "attn_dense_every": 5, "mlp_dense_every": 5}),
     ("fdl0_attn0.9_mlp0.9", {"first_dense_layers": 0, "attn_sparsity": 0.9, "mlp_sparsity": 0.9}),
     ("fdl0_attn0.95_mlp0.9", {"first_dense_layers": 0, "attn_sparsity": 0.95, "mlp_sparsity": 0.9}),
+    # Token reordering: groups and token blocks of 8x8 tiles of the reference model's 32x32 token grid.
+    ("tiles", {"token_grid": REFERENCE_GRID}),
+    ("fdl0_tiles", {"first_dense_layers": 0, "token_grid": REFERENCE_GRID}),
+    ("fdl0_dense_every5_tiles", {"first_dense_layers": 0, "attn_dense_every": 5, "mlp_dense_every": 5,
+                                 "token_grid": REFERENCE_GRID}),
 ]
 QUICK_CONFIGS = ("default", "fdl0", "fdl0_attn0.9_mlp0.9")
 

@@ -83,7 +83,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], runtime_id: int, option
         if site.kind == "attention":
             rewrite_attention(gm, site, index, runtime_id, options, dag, cache_device)
         else:
-            rewrite_mlp(gm, site, index, runtime_id, options, cache_device)
+            rewrite_mlp(gm, site, index, runtime_id, options, cache_device, dag)
         site.rewritten = True
         rewritten += 1
     gm.graph.eliminate_dead_code()

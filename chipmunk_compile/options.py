@@ -39,6 +39,12 @@ OPTION_DOCS: dict[str, str] = {
     "mlp_refresh_every": "From mlp_refresh_until on, the selection is refreshed every k-th step.",
     "mlp_token_block": "Tokens sharing one hidden-unit selection (consecutive tokens).",
     "mlp_unit_tile": "The number of kept hidden units is rounded to a multiple of this.",
+    "token_grid": "(frames, height, width) of the image/video tokens in the model's sequence (latent tokens after "
+                  "patchifying, e.g. (1, 64, 64) for a FLUX 1024x1024 image). When given, query groups and MLP token "
+                  "blocks are formed from spatial tiles of token_tile instead of consecutive raster tokens (the "
+                  "method's token reordering; exact on dense steps). None: no reordering.",
+    "token_tile": "(frames, height, width) of one tile when token_grid is given: tokens are ordered tile by tile, "
+                  "raster order inside a tile (8x8 patches: a 192-query group is 3 tiles, a 128-token MLP block 2).",
     "first_dense_layers": "The first N transformer blocks (in execution order, all block kinds counted) are "
                           "never rewritten.",
     "sparsify_attention": "Rewrite attention sites.",
@@ -78,6 +84,8 @@ class ChipmunkOptions:
     mlp_refresh_every: int = 2
     mlp_token_block: int = 128
     mlp_unit_tile: int = 64
+    token_grid: tuple[int, int, int] | None = None
+    token_tile: tuple[int, int, int] = (1, 8, 8)
     first_dense_layers: int = 2
     sparsify_attention: bool = True
     sparsify_mlp: bool = True
@@ -100,6 +108,10 @@ class ChipmunkOptions:
             raise ValueError(f"chipmunk: unknown option(s) {hint}. Valid options: {', '.join(valid)}.")
         if "dump_dir" not in options and os.environ.get("CHIPMUNK_DUMP_DIR"):
             options["dump_dir"] = os.environ["CHIPMUNK_DUMP_DIR"]
+        for key in ("token_grid", "token_tile"):
+            value = options.get(key)
+            if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+                options[key] = tuple(value)
         for key in ("attn_dense_steps", "mlp_dense_steps"):
             if options.get(key) is not None:
                 steps = options[key]
@@ -154,6 +166,13 @@ class ChipmunkOptions:
         for key in ("attn_recompute_mask", "sparsify_attention", "sparsify_mlp", "cudagraphs"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "True or False")
+        for key in ("token_grid", "token_tile"):
+            value = getattr(self, key)
+            if value is None and key == "token_grid":
+                continue
+            if not (isinstance(value, tuple) and len(value) == 3 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+                fail(key, "(frames, height, width): three integers >= 1" + (" or None" if key == "token_grid" else ""))
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             fail("dump_dir", "a folder path (str) or None")
 

@@ -2,10 +2,12 @@
 
 Before (Dynamo graph)                       After
     o = sdpa(q, k, v, [mask], scale=s)          o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices, mask,
-                                                                       s, static_start, static_end, rt, site)
+                                                                       perm, unperm, s, static_start, static_end,
+                                                                       rt, site)
 
 ``mask`` is None or a key-padding mask [B|1, 1, 1, Nk] (bool: True = attend, or additive float), applied by every
-plan as a per-key score bias; masked keys are never selected by the top-k.
+plan as a per-key score bias; masked keys are never selected by the top-k. ``perm`` / ``unperm`` (token_grid
+option) reorder the queries into spatial tiles before everything else and the output back after.
 
 The caches are GraphModule buffers with a leading invocation axis ([I, B, H, ...]); the op mutates only the
 slice of the current invocation. What it does at a call depends on the host-side runtime (step, flags):
@@ -59,8 +61,20 @@ def choose_plan(rt, flags) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.Tensor, lse_cache: torch.Tensor,
-              indices: torch.Tensor, key_mask: torch.Tensor | None, scale: float, static_start: int,
-              static_end: int, runtime_id: int, site_index: int) -> torch.Tensor:
+              indices: torch.Tensor, key_mask: torch.Tensor | None, token_perm: torch.Tensor | None,
+              token_unperm: torch.Tensor | None, scale: float, static_start: int, static_end: int, runtime_id: int,
+              site_index: int) -> torch.Tensor:
+    if token_perm is None:
+        return _attention(q, k, v, o_cache, lse_cache, indices, key_mask, scale, static_start, static_end,
+                          runtime_id, site_index)
+    # Token reordering: queries (and so the query groups and caches) in tile order; keys need no reordering.
+    o = _attention(q.index_select(2, token_perm), k, v, o_cache, lse_cache, indices, key_mask, scale,
+                   static_start, static_end, runtime_id, site_index)
+    return o.index_select(2, token_unperm)
+
+
+def _attention(q, k, v, o_cache, lse_cache, indices, key_mask, scale: float, static_start: int, static_end: int,
+               runtime_id: int, site_index: int) -> torch.Tensor:
     rt = runtime.lookup(runtime_id)
     flags = rt.site_flags(site_index)
     plan = choose_plan(rt, flags)
@@ -98,8 +112,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     return o
 
 
-def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_mask, scale, static_start, static_end, runtime_id,
-                    site_index):
+def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_mask, token_perm, token_unperm, scale, static_start,
+                    static_end, runtime_id, site_index):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -107,5 +121,6 @@ def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_mask, scale, stati
 attention_op = register_stateful_op(
     "chipmunk::attention",
     "(Tensor q, Tensor k, Tensor v, Tensor(a!) o_cache, Tensor(b!) lse_cache, Tensor(c!) indices, "
-    "Tensor? key_mask, float scale, int static_start, int static_end, int runtime_id, int site_index) -> Tensor",
+    "Tensor? key_mask, Tensor? token_perm, Tensor? token_unperm, float scale, int static_start, int static_end, "
+    "int runtime_id, int site_index) -> Tensor",
     attention, _attention_fake)

@@ -3,7 +3,7 @@
 Before (Dynamo graph)                          After
     h = linear(x, W1, b1)                          y = chipmunk.mlp(x, Wg, bg, Wu, bu, W2, b2,
     a = act(h)          [* linear(x, Wu, bu)]                       y_cache, a_cache, hbar_cache, indices,
-    y = linear(a, W2, b2)                                           act, rt, site)
+    y = linear(a, W2, b2)                                           perm, unperm, act, rt, site)
 
 Caches are GraphModule buffers with a leading invocation axis: y_cache [I, B, N, Dout] float32 (b2 included),
 a_cache [I, B, F, N] (the hidden activations, i.e. what multiplies W2; unit-major so
@@ -17,7 +17,9 @@ a unit's activations over a token block are contiguous for the kernels' gathers)
                                                               hbar_cache[S] = hbar_new[S], then as sparse
     sparse          other sparse steps                        y_cache += (act_new[S] - a_cache[S]) W2[:, S]^T,
                                                               a_cache[S] = act_new[S]; returns y_cache
-x may have any number of leading axes: they are flattened into the batch axis of the caches.
+x may have any number of leading axes: they are flattened into the batch axis of the caches. ``perm`` /
+``unperm`` (token_grid option; else None) reorder the tokens into spatial tiles before everything else and the
+output back after.
 """
 from __future__ import annotations
 
@@ -72,8 +74,19 @@ def as_token_batches(x: torch.Tensor) -> torch.Tensor:
 
 def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up: torch.Tensor | None,
         b_up: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, y_cache: torch.Tensor,
-        a_cache: torch.Tensor, hbar_cache: torch.Tensor, indices: torch.Tensor, activation: str,
-        runtime_id: int, site_index: int) -> torch.Tensor:
+        a_cache: torch.Tensor, hbar_cache: torch.Tensor, indices: torch.Tensor, token_perm: torch.Tensor | None,
+        token_unperm: torch.Tensor | None, activation: str, runtime_id: int, site_index: int) -> torch.Tensor:
+    if token_perm is None:
+        return _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation,
+                    runtime_id, site_index)
+    # Token reordering: token blocks (and the caches) in tile order; the output goes back to the model's order.
+    y = _mlp(x.index_select(-2, token_perm), w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache,
+             indices, activation, runtime_id, site_index)
+    return y.index_select(-2, token_unperm)
+
+
+def _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation: str,
+         runtime_id: int, site_index: int) -> torch.Tensor:
     rt = runtime.lookup(runtime_id)
     flags = rt.site_flags(site_index)
     plan = choose_plan(rt, flags)
@@ -114,8 +127,8 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
     return y_cache[inv].to(x.dtype, copy=True).reshape(out_shape)
 
 
-def _mlp_fake(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation, runtime_id,
-              site_index):
+def _mlp_fake(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, token_perm, token_unperm,
+              activation, runtime_id, site_index):
     return x.new_empty((*x.shape[:-1], w2.shape[0]))
 
 
@@ -123,6 +136,6 @@ def _mlp_fake(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cach
 mlp_op = register_stateful_op(
     "chipmunk::mlp",
     "(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor? w_up, Tensor? b_up, Tensor w2, Tensor? b2, "
-    "Tensor(a!) y_cache, Tensor(b!) a_cache, Tensor(c!) hbar_cache, Tensor(d!) indices, str activation, "
-    "int runtime_id, int site_index) -> Tensor",
+    "Tensor(a!) y_cache, Tensor(b!) a_cache, Tensor(c!) hbar_cache, Tensor(d!) indices, Tensor? token_perm, "
+    "Tensor? token_unperm, str activation, int runtime_id, int site_index) -> Tensor",
     mlp, _mlp_fake)

@@ -6,7 +6,8 @@ Before                                         After
                                                    indices   = get_attr chipmunk_s3_indices      [I, B, H, G, K]
                                                    o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices,
                                                                           mask, s, static_lo, static_hi, rt, 3)
-A key-padding ``mask`` [B|1, 1, 1, Nk] is passed through (None without one).
+A key-padding ``mask`` [B|1, 1, 1, Nk] is passed through (None without one); with token_grid set, the token
+permutation buffers of the site (passes/token_order.py; else None, None).
 
 3-D attention ([B, N, D]) is viewed as one head: q.unsqueeze(1) ... o.squeeze(1).
 """
@@ -19,6 +20,7 @@ from chipmunk_compile.kernels.attention_op import attention_selection_counts
 from chipmunk_compile.passes.graph_utils import fake
 from chipmunk_compile.passes.sites import Site
 from chipmunk_compile.passes.state_buffers import add_state_buffer
+from chipmunk_compile.passes.token_order import site_permutation
 from chipmunk_compile.passes.token_layout import static_key_segment
 
 
@@ -45,11 +47,12 @@ def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_i
                                      torch.zeros(inv, B, H, N, dtype=torch.float32, device=dev), out)
         indices = add_state_buffer(gm, f"{prefix}_indices",
                                    torch.zeros(inv, B, H, groups, total, dtype=torch.int32, device=dev), out)
+        perm, unperm = site_permutation(gm, dag, k, N, options, prefix, out, dev)
     with graph.inserting_before(out):
         if three_d:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
         new = graph.call_function(torch.ops.chipmunk.attention.default,
-                                  (q, k, v, o_cache, lse_cache, indices, site.nodes.get("key_mask"),
+                                  (q, k, v, o_cache, lse_cache, indices, site.nodes.get("key_mask"), perm, unperm,
                                    float(site.details["scale"]), static_lo, static_hi, runtime_id, site_index))
         result = graph.call_method("squeeze", (new, 1)) if three_d else new
     new.meta.update(out.meta)
@@ -58,4 +61,4 @@ def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_i
     site.details.update({"batch": B, "heads": H, "queries": N, "head_dim": fq.shape[-1], "value_dim": dv,
                          "keys": num_keys, "kept_keys": total, "top": num_top, "random": num_random,
                          "static_columns": [static_lo, static_hi] if segment else None,
-                         "query_groups": groups})
+                         "query_groups": groups, "token_order": "tiles" if perm is not None else "raster"})

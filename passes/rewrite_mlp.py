@@ -8,6 +8,8 @@ fused_out (single-stream blocks):
     y = linear(cat([o, act(linear(x, W1, b1))], -1), W, b)
  -> y = linear(o, W[:, :Do], b) + chipmunk.mlp(x, W1, b1, None, None, W[:, Do:], None, caches..)
     (the bias stays with the dense part, so it is counted once)
+
+With token_grid set, the op also gets the site's token permutation buffers (perm, unperm; else None, None).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from chipmunk_compile.kernels.mlp_op import mlp_selection_counts
 from chipmunk_compile.passes.graph_utils import fake
 from chipmunk_compile.passes.sites import Site
 from chipmunk_compile.passes.state_buffers import add_state_buffer
+from chipmunk_compile.passes.token_order import site_permutation
 
 
 def _projection(graph: fx.Graph, proj: dict, num_units: int):
@@ -32,7 +35,8 @@ def _projection(graph: fx.Graph, proj: dict, num_units: int):
     return weight, bias
 
 
-def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int, options, cache_device=None) -> None:
+def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int, options, cache_device=None,
+                dag=None) -> None:
     graph = gm.graph
     hidden, out, fused = site.nodes["hidden"], site.nodes["out"], site.nodes["fused"]
     x = hidden["x"]
@@ -61,6 +65,7 @@ def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int
                                             device=dev), out)
         indices = add_state_buffer(gm, f"{prefix}_indices",
                                    torch.zeros(inv, batch, blocks, kept, dtype=torch.int32, device=dev), out)
+        perm, unperm = site_permutation(gm, dag, x, tokens, options, prefix, out, dev) if fx_.dim() >= 3 else (None, None)
     with graph.inserting_before(out):
         w_gate, b_gate = _projection(graph, hidden["gate"], num_units)
         w_up, b_up = _projection(graph, hidden["up"], num_units) if hidden["up"] else (None, None)
@@ -74,12 +79,12 @@ def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int
             dense_part = graph.call_function(torch._C._nn.linear, (fused["other"], w_other, b2))
             b2 = None
         new = graph.call_function(torch.ops.chipmunk.mlp.default,
-                                  (x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar, indices,
-                                   site.details["activation"], runtime_id, site_index))
+                                  (x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar, indices, perm,
+                                   unperm, site.details["activation"], runtime_id, site_index))
         result = graph.call_function(torch.add, (dense_part, new)) if fused else new
     new.meta.update(out.meta)
     out.replace_all_uses_with(result)
     graph.erase_node(out)
     site.details.update({"batch": batch, "tokens": tokens, "d_in": fx_.shape[-1], "d_out": d_out,
                          "hidden_units": num_units, "kept_units": kept, "token_blocks": blocks,
-                         "gated": paths == 2})
+                         "gated": paths == 2, "token_order": "tiles" if perm is not None else "raster"})
