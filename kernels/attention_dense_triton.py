@@ -241,7 +241,7 @@ _dense_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "HAS_CS", 
 _dense_attn_launch = CachedLaunch(_dense_attn_tuned)
 
 
-def _scaled_key_bias(key_bias, batch: int, num_keys: int, scale: float):
+def scaled_key_bias(key_bias, batch: int, num_keys: int, scale: float):
     """(key_bias / scale as contiguous-per-row float32 [B, Nk] with its batch stride, or (None, 0)): the kernels
     add it to the raw q.k score before scaling."""
     if key_bias is None:
@@ -253,7 +253,8 @@ def _scaled_key_bias(key_bias, batch: int, num_keys: int, scale: float):
     return kb, kb.stride(0)
 
 
-def _pad_dim(d: int) -> int:
+def pad_dim(d: int) -> int:
+    """Head dims padded to a power of two (at least 16) for the kernels' tiles."""
     return max(16, triton.next_power_of_2(d))
 
 
@@ -320,10 +321,10 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
     else:
         lse_prev = lse
         cs = torch.empty((1,), dtype=torch.float32, device=q.device)
-    kb, kb_stride = _scaled_key_bias(key_bias, B, Nk, scale)
+    kb, kb_stride = scaled_key_bias(key_bias, B, Nk, scale)
     args = (q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
             *v.stride(), H, H // Hk, Nq, Nk, num_groups, group_size, scale * _LOG2E)
-    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV), HAS_CS=has_cs, HAS_KB=kb is not None,
+    meta = dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_CS=has_cs, HAS_KB=kb is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG

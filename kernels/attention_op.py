@@ -1,12 +1,12 @@
 """``torch.ops.chipmunk.attention``: the stateful delta-cache attention op that replaces an SDPA site.
 
 Before (Dynamo graph)                       After
-    o = sdpa(q, k, v, [mask], scale=s)          o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices, mask,
+    o = sdpa(q, k, v, [mask], scale=s)          o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices, bias,
                                                                        perm, unperm, s, static_start, static_end,
                                                                        rt, site)
 
-``mask`` is None or a key-padding mask [B|1, 1, 1, Nk] (bool: True = attend, or additive float), applied by every
-plan as a per-key score bias; masked keys are never selected by the top-k. ``perm`` / ``unperm`` (token_grid
+``bias`` is None or a key-padding mask as a per-key score bias, float32 [B, Nk] (0 / -inf for a bool mask, the
+values of an additive mask; computed once in the graph), applied by every plan; masked keys are never selected. ``perm`` / ``unperm`` (token_grid
 option) reorder the queries into spatial tiles before everything else and the output back after.
 
 The caches are GraphModule buffers with a leading invocation axis ([I, B, H, ...]); the op mutates only the
@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from chipmunk_compile import runtime
-from chipmunk_compile.kernels.attention_reference import key_bias_from_mask
 from chipmunk_compile.kernels.dispatch import implementation
 from chipmunk_compile.kernels.op_registration import register_stateful_op
 from chipmunk_compile.kernels.selection_reference import select_topk_with_random
@@ -61,29 +60,28 @@ def choose_plan(rt, flags) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.Tensor, lse_cache: torch.Tensor,
-              indices: torch.Tensor, key_mask: torch.Tensor | None, token_perm: torch.Tensor | None,
+              indices: torch.Tensor, key_bias: torch.Tensor | None, token_perm: torch.Tensor | None,
               token_unperm: torch.Tensor | None, scale: float, static_start: int, static_end: int, runtime_id: int,
               site_index: int) -> torch.Tensor:
     if token_perm is None:
-        return _attention(q, k, v, o_cache, lse_cache, indices, key_mask, scale, static_start, static_end,
+        return _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale, static_start, static_end,
                           runtime_id, site_index)
     # Token reordering: queries (and so the query groups and caches) in tile order; keys need no reordering.
-    o = _attention(q.index_select(2, token_perm), k, v, o_cache, lse_cache, indices, key_mask, scale,
+    o = _attention(q.index_select(2, token_perm), k, v, o_cache, lse_cache, indices, key_bias, scale,
                    static_start, static_end, runtime_id, site_index)
     return o.index_select(2, token_unperm)
 
 
-def _attention(q, k, v, o_cache, lse_cache, indices, key_mask, scale: float, static_start: int, static_end: int,
+def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, static_start: int, static_end: int,
                runtime_id: int, site_index: int) -> torch.Tensor:
     rt = runtime.lookup(runtime_id)
     flags = rt.site_flags(site_index)
     plan = choose_plan(rt, flags)
     rt.count(f"attention:{plan}")
     if plan == "dense":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale,
+        mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1]).contiguous()
-    # A key-padding mask [B|1, 1, 1, Nk] becomes a per-key score bias (0 / -inf, or the float mask itself).
-    key_bias = None if key_mask is None else key_bias_from_mask(key_mask, q.shape[0], k.shape[2])
 
     opts, inv = rt.options, rt.invocation
     group = opts.attn_query_group
@@ -112,7 +110,7 @@ def _attention(q, k, v, o_cache, lse_cache, indices, key_mask, scale: float, sta
     return o
 
 
-def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_mask, token_perm, token_unperm, scale, static_start,
+def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_bias, token_perm, token_unperm, scale, static_start,
                     static_end, runtime_id, site_index):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
@@ -121,6 +119,6 @@ def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_mask, token_perm, 
 attention_op = register_stateful_op(
     "chipmunk::attention",
     "(Tensor q, Tensor k, Tensor v, Tensor(a!) o_cache, Tensor(b!) lse_cache, Tensor(c!) indices, "
-    "Tensor? key_mask, Tensor? token_perm, Tensor? token_unperm, float scale, int static_start, int static_end, "
+    "Tensor? key_bias, Tensor? token_perm, Tensor? token_unperm, float scale, int static_start, int static_end, "
     "int runtime_id, int site_index) -> Tensor",
     attention, _attention_fake)

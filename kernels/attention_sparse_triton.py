@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from chipmunk_compile.kernels.attention_dense_triton import _scaled_key_bias
+from chipmunk_compile.kernels.attention_dense_triton import pad_dim, scaled_key_bias
 from chipmunk_compile.kernels.launch import CachedLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -223,9 +223,6 @@ _sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_si
 _sparse_attn_launch = CachedLaunch(_sparse_attn_tuned)
 
 
-def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
 
 def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base, sign: float,
                            out=None, config: dict | None = None, key_bias=None):
@@ -243,11 +240,11 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
     indices = indices.contiguous()
     if out is None:
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-    kb, kb_stride = _scaled_key_bias(key_bias, B, k.shape[2], scale)
+    kb, kb_stride = scaled_key_bias(key_bias, B, k.shape[2], scale)
     args = (q, k, v, indices, base, out, out if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
             *v.stride(), *base.stride(), *out.stride(),
             H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign))
-    meta = dict(D=D, DV=DV, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(DV), HAS_KB=kb is not None,
+    meta = dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_KB=kb is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG

@@ -5,9 +5,10 @@ Before                                         After
       (or softmax(q @ k^T * s) @ v)                lse_cache = get_attr chipmunk_s3_lse          [I, B, H, N] f32
                                                    indices   = get_attr chipmunk_s3_indices      [I, B, H, G, K]
                                                    o = chipmunk.attention(q, k, v, o_cache, lse_cache, indices,
-                                                                          mask, s, static_lo, static_hi, rt, 3)
-A key-padding ``mask`` [B|1, 1, 1, Nk] is passed through (None without one); with token_grid set, the token
-permutation buffers of the site (passes/token_order.py; else None, None).
+                                                                          bias, s, static_lo, static_hi, rt, 3)
+A key-padding ``mask`` [B|1, 1, 1, Nk] becomes ``bias = key_bias_from_mask(mask, B, Nk)`` (float32 [B, Nk]), one
+node per mask shared by all sites (None without a mask); with token_grid set, the op also gets the site's token
+permutation buffers (passes/token_order.py; else None, None).
 
 3-D attention ([B, N, D]) is viewed as one head: q.unsqueeze(1) ... o.squeeze(1).
 """
@@ -17,11 +18,24 @@ import torch
 import torch.fx as fx
 
 from chipmunk_compile.kernels.attention_op import attention_selection_counts
+from chipmunk_compile.kernels.attention_reference import key_bias_from_mask
 from chipmunk_compile.passes.graph_utils import fake
 from chipmunk_compile.passes.sites import Site
 from chipmunk_compile.passes.state_buffers import add_state_buffer
 from chipmunk_compile.passes.token_order import site_permutation
 from chipmunk_compile.passes.token_layout import static_key_segment
+
+
+def _key_bias_node(graph: fx.Graph, mask, batch: int, num_keys: int):
+    """The key-padding mask as a float32 per-key bias [B, Nk], computed once in the graph right after the mask
+    (every site sharing the mask reuses that node); None without a mask."""
+    if mask is None:
+        return None
+    for user in mask.users:
+        if user.target is key_bias_from_mask and user.args[1:] == (batch, num_keys):
+            return user
+    with graph.inserting_after(mask):
+        return graph.call_function(key_bias_from_mask, (mask, batch, num_keys))
 
 
 def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int, options, dag,
@@ -51,8 +65,9 @@ def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_i
     with graph.inserting_before(out):
         if three_d:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
+        key_bias = _key_bias_node(graph, site.nodes.get("key_mask"), B, num_keys)
         new = graph.call_function(torch.ops.chipmunk.attention.default,
-                                  (q, k, v, o_cache, lse_cache, indices, site.nodes.get("key_mask"), perm, unperm,
+                                  (q, k, v, o_cache, lse_cache, indices, key_bias, perm, unperm,
                                    float(site.details["scale"]), static_lo, static_hi, runtime_id, site_index))
         result = graph.call_method("squeeze", (new, 1)) if three_d else new
     new.meta.update(out.meta)
