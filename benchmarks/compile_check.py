@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from chipmunk_compile.kernels import attention_dense_triton as dense_tr
+from chipmunk_compile.kernels import attention_sparse_gluon as sparse_ws
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr
 
@@ -39,6 +40,12 @@ def _variants():
                dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16"),
                dict(_HEAD, HAS_KB=kb, **sparse.kwargs),
                ["stride_qd", "stride_kd", "stride_vd", "stride_bd", "stride_od"], sparse.num_warps, sparse.num_stages)
+    ws = sparse_ws._CONFIG
+    for d, kb, groups in ((128, False, 192), (128, True, 192), (64, False, 192), (128, False, 128), (64, True, 64)):
+        yield (f"sparse_attention_ws d={d} kb={kb} group={groups}", sparse_ws._sparse_attn_ws_kernel,
+               dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16"),
+               dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64, **ws), [], 4,
+               dict(maxnreg=sparse_ws._MAXNREG))
     dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32")
     for config in dense_tr._CONFIGS:
         bm, cs_mode, anchor = config.kwargs["BLOCK_M"], config.kwargs["CS_MODE"], config.kwargs["ANCHOR"]
@@ -64,6 +71,8 @@ def _variants():
 
 
 def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stages, arch):
+    """num_stages: an int (Triton kernels) or a dict of extra options (Gluon kernels, which pipeline by hand)."""
+    gluon_options = num_stages if isinstance(num_stages, dict) else None
     constexprs = dict(constexprs, **{name: 1 for name in unit_strides})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -75,8 +84,12 @@ def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stage
             signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
         if signature[name] not in ("constexpr", "fp32"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    if gluon_options is not None:
+        from triton.experimental.gluon._runtime import GluonASTSource
+        source, options = GluonASTSource(fn, signature, constexprs, attrs), dict(num_warps=num_warps, **gluon_options)
+    else:
+        source, options = ASTSource(fn, signature, constexprs, attrs), dict(num_warps=num_warps, num_stages=num_stages)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -85,7 +98,7 @@ def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stage
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(stack.group(1)) if stack else None,
-                shared_bytes=kernel.metadata.shared)
+                shared_bytes=kernel.metadata.shared, warps=kernel.metadata.num_warps)
 
 
 def main():
@@ -103,7 +116,8 @@ def main():
             r = compile_variant(fn, pointers, constexprs, unit, warps, stages, args.arch)
             over = "  > H100 shared memory: cannot launch there (the autotuner skips it)" \
                 if r["shared_bytes"] > _H100_SHARED_BYTES else ""
-            print(f"ok    {name:90s} w{warps} s{stages}  regs {r['registers']}  spill {r['spill_bytes']} B  "
+            stages = stages if isinstance(stages, int) else "-"
+            print(f"ok    {name:90s} w{r['warps']} s{stages}  regs {r['registers']}  spill {r['spill_bytes']} B  "
                   f"smem {r['shared_bytes'] // 1024} KiB{over}", flush=True)
         except Exception as exc:  # noqa: BLE001 (report every failing variant)
             failures += 1

@@ -3,7 +3,8 @@
 First checks every kernel in bf16 against the torch reference (fp32 compute) at moderate shapes and asserts a
 relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, random data):
 
-- attention_hunyuan: column-sparse delta kernel, B1 H24 N118800 d128, 93/85/70% sparsity, vs SDPA; ideal =
+- attention_hunyuan: column-sparse delta kernel as dispatched (the warp-specialised Gluon kernel on Hopper; the
+  Triton kernel's time is recorded beside it), B1 H24 N118800 d128, 93/85/70% sparsity, vs SDPA; ideal =
   SDPA of all queries over only the K kept keys (k/v sliced);
 - attention_flux: N4608 and N16896, 83.5% sparsity, same comparison;
 - dense_step: the first dense step (O + LSE: cuDNN/flash through PyTorch where they apply, else Triton; the
@@ -34,6 +35,8 @@ from chipmunk_compile.kernels import attention_reference as attn_ref  # noqa: E4
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
 from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
+
+ws_kernel = sparse_tr._warp_specialized_kernel()
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -109,6 +112,8 @@ def check_correctness():
         out = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, -1.0)
         ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, GROUP, zero.float(), -1.0)
         errs[f"sparse K={n_sel}"] = rel_err(out, ref)
+        out = sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, zero, -1.0, kernel="triton")
+        errs[f"sparse triton K={n_sel}"] = rel_err(out, ref)
         # Same shapes, but q 2 bytes off 16-byte alignment: must not reuse the aligned binary.
         q_off = torch.empty(B, H, N, D + 8, device=DEV, dtype=BF16)[..., 1:D + 1].copy_(q)
         out = sparse_tr.sparse_attention_delta(q_off, k, v, scale, idx, GROUP, zero, -1.0)
@@ -156,11 +161,18 @@ def bench_attention(bench, N, sparsities, quick, H=24, D=128):
         n_sel = kept(N, sp)
         idx = random_indices(H * num_groups, N, n_sel).view(1, H, num_groups, n_sel)
         out = base.clone()
+        # Default dispatch: the warp-specialised Gluon kernel on Hopper; the Triton kernel timed beside it.
         ours = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out), quick)
+        triton_ms = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, GROUP, out, 1.0, out=out,
+                                                                kernel="triton"), quick)
         ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
         ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), quick)
+        uses_ws = ws_kernel is not None and ws_kernel.supports(q, k, v, out, out, GROUP) is None
         record(bench, f"B1 H{H} N{N} d{D}", sp, dense_ms, ours, ideal, keys=n_sel,
-               cache_traffic_share=copy_ms / ours, config=str(sparse_tr._sparse_attn_tuned.best_config))
+               cache_traffic_share=copy_ms / ours, kernel="gluon_ws" if uses_ws else "triton",
+               config=str(ws_kernel._CONFIG if uses_ws else sparse_tr._sparse_attn_tuned.best_config),
+               triton_ms=triton_ms, triton_speedup=dense_ms / triton_ms,
+               triton_config=str(sparse_tr._sparse_attn_tuned.best_config))
         points.append((sp, dense_ms / ours, dense_ms / ideal))
         del idx, out, ks, vs
     return points

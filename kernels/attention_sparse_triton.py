@@ -224,13 +224,25 @@ _sparse_attn_launch = CachedLaunch(_sparse_attn_tuned)
 
 
 
+def _warp_specialized_kernel():
+    """The Gluon (Hopper, warp-specialised) variant, or None where this Triton build has no Gluon."""
+    try:
+        from chipmunk_compile.kernels import attention_sparse_gluon
+    except ImportError:  # Gluon ships with Triton >= 3.5
+        return None
+    return attention_sparse_gluon
+
+
 def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base, sign: float,
-                           out=None, config: dict | None = None, key_bias=None):
+                           out=None, config: dict | None = None, key_bias=None, kernel: str = "auto"):
     """``base + sign * P^S`` written into ``out`` (a new tensor like base when None; may be base itself).
 
-    ``config`` forces one launch configuration (tests); by default the GPU autotunes and the interpreter uses a
-    small fixed configuration.
+    ``kernel``: "auto" takes the warp-specialised Gluon kernel where it applies (Hopper, bf16/fp16, head dim 64
+    or 128, groups of up to 192 queries; ``attention_sparse_gluon.supports``), else this Triton kernel;
+    "triton" forces this one, "gluon" requires the Gluon one. ``config`` forces one launch configuration of the
+    chosen kernel (tests); by default the GPU autotunes and the interpreter uses a small fixed configuration.
     """
+    assert kernel in ("auto", "triton", "gluon"), kernel
     B, H, Nq, D = q.shape
     Hk, DV = k.shape[1], v.shape[3]
     num_groups, n_sel = indices.shape[2], indices.shape[3]
@@ -241,6 +253,14 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
     if out is None:
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     kb, kb_stride = scaled_key_bias(key_bias, B, k.shape[2], scale)
+    if kernel != "triton":
+        ws = _warp_specialized_kernel()
+        why = "this Triton has no Gluon" if ws is None else ws.supports(q, k, v, base, out, group_size)
+        if why is None:
+            return ws.sparse_attention_delta_ws(q, k, v, scale, indices, group_size, base, sign, out, kb, kb_stride,
+                                                config=config)
+        if kernel == "gluon":
+            raise ValueError(f"the warp-specialised sparse attention kernel does not apply here: {why}")
     args = (q, k, v, indices, base, out, out if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
             *v.stride(), *base.stride(), *out.stride(),
             H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign))

@@ -1,4 +1,4 @@
-"""The Triton kernels compile for the H100 (sm_90) on this CPU machine, in every variant the GPU uses.
+"""The Triton (and Gluon) kernels compile for the H100 (sm_90) on this CPU machine, in every variant the GPU uses.
 
 The interpreter tests check what the kernels compute but never run Triton's GPU compiler; this runs
 ``benchmarks/compile_check.py`` (lowering to a cubin with Triton's bundled ptxas, no GPU needed) in a subprocess
@@ -22,5 +22,5 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert run.returncode == 0 and "FAIL" not in run.stdout, run.stdout + run.stderr
     compiled = [line for line in run.stdout.splitlines() if line.startswith("ok ")]
     kinds = {line.split()[1] for line in compiled}
-    assert kinds == {"sparse_attention", "dense_attention", "mlp_mm1", "mlp_mm2"}, run.stdout
+    assert kinds == {"sparse_attention", "sparse_attention_ws", "dense_attention", "mlp_mm1", "mlp_mm2"}, run.stdout
     assert len(compiled) >= 20, run.stdout

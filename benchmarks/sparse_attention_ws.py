@@ -1,0 +1,139 @@
+"""GPU check and timing of the warp-specialised (Gluon) sparse attention kernel against the Triton one.
+
+Correctness: bf16/fp16, head dims 64/128, query groups of 64/128/192, batch 2, grouped-query heads, ragged N,
+index-list tails, key-padding bias, (B, N, H, D)-strided q/k/v, in-place update; each against the float32 torch
+reference, with the output poisoned (NaN) beforehand. Timing (do_bench medians, same process): SDPA, the ideal
+(SDPA over only the kept keys), the Triton kernel and the Gluon kernel at HunyuanVideo and FLUX shapes, plus a
+few Gluon configurations. Prints a table; writes sparse_attention_ws_<gpu>.json to $OUT or benchmarks/results.
+Usage: python benchmarks/sparse_attention_ws.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import kept, ms, random_indices, rel_err  # noqa: E402  (benchmarks/kernels.py helpers)
+
+from chipmunk_compile.kernels import attention_reference as attn_ref  # noqa: E402
+from chipmunk_compile.kernels import attention_sparse_gluon as ws  # noqa: E402
+from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
+
+DEV = "cuda"
+
+
+def check(results, overrides=None):
+    torch.manual_seed(0)
+    cases = [  # B, H, Hk, N, D, group, n_sel, dtype, kb, layout
+        (2, 4, 4, 3000, 128, 192, 210, torch.bfloat16, False, "bnhd"),
+        (2, 4, 4, 3000, 128, 192, 77, torch.bfloat16, True, "bhnd"),
+        (1, 4, 2, 1000, 128, 192, 256, torch.float16, False, "bhnd"),
+        (2, 2, 2, 777, 64, 192, 130, torch.bfloat16, True, "bnhd"),
+        (1, 2, 2, 700, 128, 128, 64, torch.bfloat16, False, "bhnd"),
+        (1, 2, 1, 500, 64, 64, 100, torch.float16, False, "bhnd"),
+    ]
+    errs = {}
+    for B, H, Hk, N, D, G, n_sel, dt, use_kb, layout in cases:
+        if layout == "bnhd":
+            q = torch.randn(B, N, H, D, device=DEV, dtype=dt).transpose(1, 2)
+            k, v = (torch.randn(B, N, Hk, D, device=DEV, dtype=dt).transpose(1, 2) for _ in range(2))
+        else:
+            q = torch.randn(B, H, N, D, device=DEV, dtype=dt)
+            k, v = (torch.randn(B, Hk, N, D, device=DEV, dtype=dt) for _ in range(2))
+        scale = D ** -0.5
+        ng = -(-N // G)
+        idx = random_indices(B * H * ng, N, n_sel).view(B, H, ng, n_sel)
+        kb = None
+        if use_kb:  # padded keys at the end get -inf (never selected by the method, but must stay masked here)
+            kb = torch.zeros(B, N, device=DEV)
+            kb[:, N - 50:] = float("-inf")
+            kb[:, :40] = 1.5
+            idx = torch.where(idx >= N - 50, idx % 40, idx)
+        base = torch.randn(B, H, N, D, device=DEV, dtype=dt)
+        ref = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, G, base.float(), -1.0,
+                                              key_bias=kb)
+        name = f"B{B} H{H}/{Hk} N{N} d{D} g{G} K{n_sel} {str(dt)[6:]} kb={use_kb} {layout} {overrides or ''}"
+        why = ws.supports(q, k, v, base, base, G)
+        assert why is None, (name, why)
+        out = torch.full_like(base, float("nan"))
+        sparse_tr.sparse_attention_delta(q, k, v, scale, idx, G, base, -1.0, out=out, key_bias=kb, kernel="gluon",
+                                         config=overrides)
+        torch.cuda.synchronize()
+        errs[name] = rel_err(out, ref)
+        inplace = base.clone()
+        sparse_tr.sparse_attention_delta(q, k, v, scale, idx, G, inplace, -1.0, out=inplace, key_bias=kb,
+                                         kernel="gluon", config=overrides)
+        errs[name + " in place"] = rel_err(inplace, ref)
+        print(f"check {name:60s} rel err {errs[name]:.2e} / in place {errs[name + ' in place']:.2e}", flush=True)
+    bad = {n: e for n, e in errs.items() if not e < 2e-2}
+    results.setdefault("correctness_rel_err", {}).update(errs)
+    assert not bad, f"Gluon kernel disagrees with the reference: {bad}"
+
+
+def bench(results, N, sparsities, quick, H=24, D=128, configs=()):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    scale = D ** -0.5
+    sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), quick)
+    ng = -(-N // 192)
+    base = torch.randn(1, H, N, D, device=DEV, dtype=torch.bfloat16)
+    for sp in sparsities:
+        n_sel = kept(N, sp)
+        idx = random_indices(H * ng, N, n_sel).view(1, H, ng, n_sel)
+        out = base.clone()
+        ks, vs = k[:, :, :n_sel].contiguous(), v[:, :, :n_sel].contiguous()
+        ideal = ms(lambda: F.scaled_dot_product_attention(q, ks, vs), quick)
+        tri = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, 192, out, 1.0, out=out,
+                                                          kernel="triton"), quick)
+        row = dict(shape=f"B1 H{H} N{N} d{D}", sparsity=sp, keys=n_sel, sdpa_ms=sdpa, ideal_ms=ideal,
+                   triton_ms=tri, gluon={})
+        for cfg in configs or ({},):
+            name = ",".join(f"{a}={b}" for a, b in cfg.items()) or "default"
+            try:
+                t = ms(lambda: sparse_tr.sparse_attention_delta(q, k, v, scale, idx, 192, out, 1.0, out=out,
+                                                                kernel="gluon", config=cfg or None), quick)
+            except Exception as exc:  # noqa: BLE001 (a config that cannot launch is reported, not fatal)
+                print(f"  config {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+            row["gluon"][name] = t
+        best = min(row["gluon"].values())
+        row.update(gluon_ms=best, speedup_gluon=sdpa / best, speedup_triton=sdpa / tri, fraction_of_ideal=ideal / best)
+        results["rows"].append(row)
+        cfgs = " ".join(f"{n}:{t:.3f}" for n, t in row["gluon"].items())
+        print(f"{row['shape']:22s} {sp:5.3f} sdpa {sdpa:8.3f} ideal {ideal:7.3f} triton {tri:7.3f} "
+              f"({sdpa / tri:5.2f}x) gluon {best:7.3f} ({sdpa / best:5.2f}x, {ideal / best:4.2f} of ideal) | {cfgs}",
+              flush=True)
+        del idx, out, ks, vs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    gpu = torch.cuda.get_device_name()
+    print(f"device {gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    results = dict(device=gpu, torch=torch.__version__, triton=triton.__version__, rows=[])
+    check(results)
+    check(results, overrides=dict(OVERLAP=False))
+    sweep = [{}, dict(OVERLAP=False), dict(NUM_STAGES=3), dict(NUM_STAGES=2), dict(CONSUMER_REGS=144)]
+    bench(results, 118800, (0.93,), args.quick, configs=sweep)
+    if not args.quick:
+        bench(results, 118800, (0.85, 0.70), args.quick)
+    for n in (4608, 16896):
+        bench(results, n, (0.835,), args.quick, configs=[{}, dict(OVERLAP=False)])
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
+    path = os.path.join(out_dir, f"sparse_attention_ws_{tag}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Warp-specialised column-sparse attention delta for Hopper (sm_90), written in Gluon.
+
+Same result as ``attention_sparse_triton.sparse_attention_delta`` (and the torch reference
+``attention_reference.sparse_attention_delta``): out = base + sign * P^S, with P^S the attention of each query
+over its group's selected key columns only (softmax renormalised over that set).
+
+Why a second kernel: the Triton kernel runs three 64-row programs per 192-query group, and each gathers the same
+selected K/V rows, so every row crosses L2 three times; at HunyuanVideo size that traffic, not the tensor cores,
+bounds it (~55 % of the ideal). Here one CTA owns a whole query group and gathers each selected row once:
+
+    before (Triton, 3 programs per group)          after (this kernel, 1 CTA per group)
+    prog 0: gather K/V[idx] -> softmax(Q0 K^T) V    producer warpgroup: idx -> cp.async gather of K/V[idx]
+    prog 1: gather K/V[idx] -> softmax(Q1 K^T) V                        into a NUM_STAGES ring (mbarriers)
+    prog 2: gather K/V[idx] -> softmax(Q2 K^T) V    consumer warpgroups 0..2: rows 64c..64c+63 of the group,
+                                                     wgmma on the shared tiles, online softmax, epilogue
+
+Partitions (``gl.warp_specialize``): the default partition (4 warps, few registers) is the producer; each
+consumer is a 4-warp worker with a larger register budget. Per ring slot: ``ready`` completes when all producer
+threads' cp.async copies into the slot have landed (cp.async.mbarrier.arrive), ``empty`` when every consumer has
+finished its two wgmmas on the slot. Selected-index tails (n_sel not a multiple of BLOCK_N) gather key row 0 and
+mask the scores to -inf; query rows past the sequence end compute on zeros and are never stored.
+
+Supported here: CUDA capability 9.x, bf16/fp16, head dim 64 or 128 (q, k, v, base, out alike), unit stride on the
+last dim and 16-byte aligned rows, group_size a multiple of 64 up to 192. Anything else takes the Triton kernel
+(``supports`` says which).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+
+_LOG2E = 1.4426950408889634
+_ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
+
+
+@gluon.constexpr_function
+def _row_layout(D):
+    """Rows of D 16-bit elements in 16-byte vectors; a 4-warp partition's warps split the rows."""
+    threads_d = getattr(D, "value", D) // 8
+    return gl.BlockedLayout([1, 8], [32 // threads_d, threads_d], [4, 1], [1, 0])
+
+
+@gluon.jit
+def _producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel,
+              stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+              D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    layout: gl.constexpr = _row_layout(D)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    idx_base = IDX + idx_row * n_sel
+    n_tiles = gl.cdiv(n_sel, BLOCK_N)
+    for i in range(n_tiles):
+        slot = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        cols = i * BLOCK_N + offs_n
+        # Tail indices read key row 0 (always valid memory); the consumers mask their scores.
+        idx = gl.load(idx_base + cols, mask=cols < n_sel, other=0).to(gl.int64)
+        k_ptrs = k_base + idx[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
+        # Slots start free: the first wait on each passes (phase 1 of a fresh barrier counts as complete).
+        mbarrier.wait(empty_bars.index(slot), phase ^ 1)
+        async_copy.async_copy_global_to_shared(k_bufs.index(slot), k_ptrs)
+        async_copy.async_copy_global_to_shared(v_bufs.index(slot), v_ptrs)
+        async_copy.mbarrier_arrive(ready_bars.index(slot), increment_count=False)
+
+
+@gluon.jit
+def _consumer(Q, KB, IDX, BASE, OUT, q_smem, k_bufs, v_bufs, ready_bars, empty_bars,
+              b, h, idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign,
+              stride_qb, stride_qh, stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on,
+              D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr,
+              OVERLAP: gl.constexpr):
+    ROWS: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    io_layout: gl.constexpr = _row_layout(D)
+
+    # This warpgroup's 64 query rows -> shared memory (the wgmma A operand).
+    rows_io = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
+    offs_d_io = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_io.to(gl.int64)[:, None] * stride_qn + offs_d_io[None, :]
+    q = gl.load(q_ptrs, mask=rows_io[:, None] < row_end, other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    idx_base = IDX + idx_row * n_sel
+    n_tiles = gl.cdiv(n_sel, BLOCK_N)
+    s = s_zero
+    if OVERLAP:  # S of tile 0 up front; each iteration then issues the next tile's S behind its own P @ V
+        mbarrier.wait(ready_bars.index(0), 0)
+        fence_async_shared()
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    for i in range(n_tiles):
+        slot = i % NUM_STAGES
+        if not OVERLAP:
+            mbarrier.wait(ready_bars.index(slot), (i // NUM_STAGES) & 1)
+            # The gathers were generic-proxy writes; wgmma reads shared memory through the async proxy.
+            fence_async_shared()
+            s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        cols = i * BLOCK_N + offs_n
+        if HAS_KB:
+            idx = gl.load(idx_base + cols, mask=cols < n_sel, other=0)
+            s = s + gl.load(KB + kb_off + idx)[None, :]
+        if (i + 1) * BLOCK_N > n_sel:  # ragged last tile: its tail columns gathered key row 0
+            s = gl.where((cols < n_sel)[None, :], s, float("-inf"))
+        # log2 units: one FMA (scale, subtract the running max) and one exp2 per score.
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
+        acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
+        if OVERLAP:
+            # Next tile's S runs on the tensor cores behind this P @ V. After the last tile the wait is skipped
+            # and the product (of a slot nobody writes any more) is discarded.
+            nxt = i + 1
+            nslot = nxt % NUM_STAGES
+            mbarrier.wait(ready_bars.index(nslot), (nxt // NUM_STAGES) & 1, pred=nxt < n_tiles)
+            fence_async_shared()
+            s = warpgroup_mma(q_smem, k_bufs.index(nslot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty_bars.index(slot), count=1)
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    row_ok = rows[:, None] < row_end
+    rows64 = rows.to(gl.int64)[:, None]
+    base = gl.load(BASE + b * stride_bb + h * stride_bh + rows64 * stride_bn + offs_d[None, :], mask=row_ok,
+                   other=0.0)
+    out = base.to(gl.float32) + sign * (acc / l_o[:, None])
+    gl.store(OUT + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok)
+
+
+@gluon.jit
+def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
+                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_bn,
+                           stride_ob, stride_oh, stride_on,
+                           H, kv_group, Nq, num_groups, group_size, n_sel, qk_scale, sign,
+                           D: gl.constexpr, HAS_KB: gl.constexpr, BLOCK_N: gl.constexpr,
+                           NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                           OVERLAP: gl.constexpr):
+    g = gl.program_id(0)
+    pid_bh = gl.program_id(1).to(gl.int64)  # 64-bit offsets: b * stride_qb can pass 2^31
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // kv_group
+    idx_row = pid_bh * num_groups + g
+    row0 = g * group_size
+    row_end = gl.minimum(row0 + group_size, Nq)
+    kb_off = b * stride_kbb
+
+    dtype: gl.constexpr = Q.dtype.element_ty
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], dtype)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        # ready: one (asynchronous) arrival per producer thread; empty: one arrival per consumer warpgroup.
+        mbarrier.init(ready_bars.index(i), count=128)  # the producer is the 4-warp default partition
+        mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
+
+    # Tuples of partition arguments are spelled out in each call: building them in variables and concatenating
+    # turns the constexpr members into runtime values.
+    if N_CONSUMERS == 3:
+        gl.warp_specialize([
+            (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
+                         stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
+                         HAS_KB, OVERLAP)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         idx_row, row0 + 64, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh,
+                         stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N,
+                         NUM_STAGES, HAS_KB, OVERLAP)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(2), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         idx_row, row0 + 128, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh,
+                         stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N,
+                         NUM_STAGES, HAS_KB, OVERLAP)),
+        ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+    elif N_CONSUMERS == 2:
+        gl.warp_specialize([
+            (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
+                         stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
+                         HAS_KB, OVERLAP)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         idx_row, row0 + 64, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh,
+                         stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N,
+                         NUM_STAGES, HAS_KB, OVERLAP)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
+                         stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
+                         HAS_KB, OVERLAP)),
+        ], [4], [CONSUMER_REGS])
+
+
+# (BLOCK_N, NUM_STAGES, CONSUMER_REGS): 16 warps per CTA with maxnreg 128 leave the producer
+# 128 * 4 - 3 * CONSUMER_REGS ... registers per thread (see _launch_regs).
+_CONFIG = dict(BLOCK_N=64, NUM_STAGES=4, CONSUMER_REGS=152, OVERLAP=True)
+_MAXNREG = 128
+
+
+def supports(q, k, v, base, out, group_size: int) -> str | None:
+    """None when this kernel handles the call, else why not (the caller then uses the Triton kernel)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
+        return "disabled (interpreter or CHIPMUNK_GLUON=0)"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "needs a Hopper (sm_90) GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype == base.dtype
+                                                               == out.dtype):
+        return "needs bf16/fp16 throughout"
+    D = q.shape[-1]
+    if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
+        return "needs head dim 64 or 128 for q, k and v"
+    if group_size % _ROWS or not 0 < group_size <= 3 * _ROWS:
+        return "needs group_size in (64, 128, 192)"
+    for t in (q, k, v, base, out):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
+            return "needs unit-stride, 16-byte aligned rows"
+    return None
+
+
+def sparse_attention_delta_ws(q, k, v, scale: float, indices, group_size: int, base, sign: float, out,
+                              key_bias_scaled=None, key_bias_stride: int = 0, config: dict | None = None):
+    """Launch; the caller checked ``supports`` and prepared ``out`` and the scaled key bias."""
+    B, H, Nq, D = q.shape
+    Hk = k.shape[1]
+    num_groups, n_sel = indices.shape[2], indices.shape[3]
+    cfg = dict(_CONFIG, **(config or {}))
+    kb = key_bias_scaled
+    _sparse_attn_ws_kernel[(num_groups, B * H)](
+        q, k, v, indices, base, out, out if kb is None else kb, key_bias_stride,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *base.stride()[:3], *out.stride()[:3],
+        H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign),
+        D=D, HAS_KB=kb is not None, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"],
+        N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"], OVERLAP=cfg["OVERLAP"], num_warps=4, maxnreg=_MAXNREG)
+    return out
