@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from chipmunk_compile.kernels import attention_dense_triton as dense_tr
+from chipmunk_compile.kernels import attention_dense_gluon as dense_ws
 from chipmunk_compile.kernels import attention_sparse_gluon as sparse_ws
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr
@@ -46,11 +47,15 @@ def _variants():
                dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16"),
                dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64, **ws), [], 4,
                dict(maxnreg=sparse_ws._MAXNREG))
-    dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32")
+    dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32", REDO="*i32")
+    for d, kb, groups in ((128, False, 192), (128, True, 192), (64, False, 192), (128, False, 128)):
+        yield (f"dense_attention_ws d={d} kb={kb} group={groups}", dense_ws._dense_colmass_ws_kernel, dense_ptrs,
+               dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64, **dense_ws._CONFIG), [], 4,
+               dict(maxnreg=dense_ws._MAXNREG))
     for config in dense_tr._CONFIGS:
         bm, cs_mode, anchor = config.kwargs["BLOCK_M"], config.kwargs["CS_MODE"], config.kwargs["ANCHOR"]
         for has_cs, kb in ((True, False), (True, True), (False, False)):
-            constexprs = dict(_HEAD, HAS_CS=has_cs, HAS_KB=kb, SINGLE_GROUP=192 % bm == 0, MAX_G=(bm - 1) // 192 + 2,
+            constexprs = dict(_HEAD, HAS_CS=has_cs, HAS_KB=kb, HAS_REDO=False, SINGLE_GROUP=192 % bm == 0, MAX_G=(bm - 1) // 192 + 2,
                               ANCHORED=bool(anchor) and has_cs, **config.kwargs)
             yield (f"dense_attention BM{bm} cs_mode={cs_mode} anchor={anchor} colmass={has_cs} kb={kb}",
                    dense_tr._dense_attn_kernel, dense_ptrs, constexprs, ["stride_qd", "stride_kd", "stride_vd"],

@@ -8,7 +8,8 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
   SDPA of all queries over only the K kept keys (k/v sliced);
 - attention_flux: N4608 and N16896, 83.5% sparsity, same comparison;
 - dense_step: the first dense step (O + LSE: cuDNN/flash through PyTorch where they apply, else Triton; the
-  Triton time is recorded too) and the dense kernel with LSE + column mass vs SDPA (the dense-step overhead);
+  Triton time is recorded too) and the dense kernel with LSE + column mass as dispatched (the warp-specialised
+  Gluon kernel on Hopper; the Triton kernel's time beside it) vs SDPA (the dense-step overhead);
 - mlp: full sparse step (block-mean scoring GEMM + torch.topk + mm1 + mm2 with fused write-back) vs the dense
   torch MLP; ideal = dense time x kept fraction;
 - attention_selection: torch.topk over the column mass of a dense step, and the share of the sparse step
@@ -90,6 +91,10 @@ def check_correctness():
         o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, GROUP)
     ro, rlse, rcs = attn_ref.dense_attention_lse_colmass(q.float(), k.float(), v.float(), scale, lse_prev, GROUP)
     errs = {"dense o": rel_err(o, ro), "dense lse": rel_err(lse, rlse), "dense colmass": rel_err(cs, rcs)}
+    if dense_tr._warp_specialized_kernel() is not None:
+        o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, GROUP, kernel="triton")
+        errs.update({"dense triton o": rel_err(o, ro), "dense triton lse": rel_err(lse, rlse),
+                     "dense triton colmass": rel_err(cs, rcs)})
     for a in (0, 1):
         for mode, bm, w in ((1, 64, 4), (2, 128, 8)):
             cfg = dict(BLOCK_M=bm, BLOCK_N=64, num_warps=w, num_stages=3, CS_MODE=mode, ANCHOR=a)
@@ -189,11 +194,18 @@ def bench_dense_step(N, quick, H=24, D=128):
     triton_plain = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, GROUP), quick)
     dense_tr.USE_VENDOR_LSE = True
     plain_cfg = str(dense_tr._dense_attn_tuned.best_config)
+    # Default dispatch (the warp-specialised Gluon kernel on Hopper) and the Triton kernel beside it.
     fused = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP), quick)
+    triton_fused = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, GROUP, kernel="triton"),
+                      quick)
+    dense_ws = dense_tr._warp_specialized_kernel()
+    uses_ws = dense_ws is not None and dense_ws.supports(q, k, v, GROUP) is None
     shape = f"B1 H{H} N{N} d{D}"
     record("dense_step_lse", shape, 0.0, sdpa, plain, implementation=str(dense_tr._vendor_choice),
            triton_ms=triton_plain, triton_config=plain_cfg)
-    record("dense_step_colmass", shape, 0.0, sdpa, fused, config=str(dense_tr._dense_attn_tuned.best_config))
+    record("dense_step_colmass", shape, 0.0, sdpa, fused, kernel="gluon_ws" if uses_ws else "triton",
+           overhead_vs_sdpa=fused / sdpa, triton_ms=triton_fused, triton_overhead_vs_sdpa=triton_fused / sdpa,
+           triton_config=str(dense_tr._dense_attn_tuned.best_config))
     # Selection at a dense step: top 7% of each group's column mass (a torch.topk over [H*G, N]).
     cs = torch.rand(H * -(-N // GROUP), N, device=DEV)
     n_sel = kept(N, 0.93)

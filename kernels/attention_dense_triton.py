@@ -151,14 +151,18 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb,
                        stride_qb, stride_qh, stride_qn, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
-                       H, kv_group, Nq, Nk, num_groups, group_size, qk_scale,
+                       H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, REDO,
                        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                        HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr,
                        MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHOR: tl.constexpr, ANCHORED: tl.constexpr,
-                       HAS_KB: tl.constexpr,
+                       HAS_KB: tl.constexpr, HAS_REDO: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
+    if HAS_REDO:
+        # Redo pass after the Gluon anchored kernel: only query groups it flagged (REDO[bh, g] != 0) run.
+        if tl.load(REDO + pid_bh * num_groups + (pid_m * BLOCK_M) // group_size) == 0:
+            return
     b = pid_bh // H
     h = pid_bh % H
     hk = h // kv_group
@@ -223,6 +227,8 @@ CS_MODE = 2  # for explicit configs that do not name one
 USE_VENDOR_LSE = True  # the LSE-only dense step through cuDNN / FlashAttention (benchmarks switch it off)
 ANCHOR = 1  # likewise: anchor the softmax on lse_prev when it is given (exact either way)
 _DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# The redo pass behind the Gluon kernel: 64-row programs (each inside one query group), online softmax.
+_REDO_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 0, "num_warps": 4, "num_stages": 3}
 # Measured on H100 (benchmarks/KERNEL_NOTES.md, sweep of 6 tilings x 2 formulations x anchoring): with column mass
 # the anchored 64-row single-group tiles (one tl.sum per tile) are fastest (N4608 0.73 ms, N16896 9.35 ms vs
 # 0.81 / 9.75 for the best online-softmax variant); 128-row tiles need the tensor-core reduction (mode 2).
@@ -295,14 +301,26 @@ def vendor_attention_with_lse(q, k, v, scale: float):
     return None
 
 
+def _warp_specialized_kernel():
+    """The Gluon (Hopper, warp-specialised) column-mass kernel, or None where this Triton build has no Gluon."""
+    try:
+        from chipmunk_compile.kernels import attention_dense_gluon
+    except ImportError:  # Gluon ships with Triton >= 3.5
+        return None
+    return attention_dense_gluon
+
+
 def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None,
-                                key_bias=None):
+                                key_bias=None, kernel: str = "auto"):
     """(o [B,H,Nq,Dv] in q.dtype, lse fp32 [B,H,Nq], column mass fp32 [B,H,ceil(Nq/G),Nk] or None).
 
-    ``config`` forces one launch configuration (tests); by default the GPU autotunes and the interpreter uses a
-    small fixed configuration. Without ``lse_prev`` (no column mass) and no ``config``, PyTorch's fused SDPA
-    kernels are used where they apply (they also return the LSE).
+    ``config`` forces one launch configuration of this Triton kernel (tests); by default the GPU autotunes and
+    the interpreter uses a small fixed configuration. Without ``lse_prev`` (no column mass) and no ``config``,
+    PyTorch's fused SDPA kernels are used where they apply (they also return the LSE). With ``lse_prev``,
+    ``kernel`` "auto" takes the warp-specialised Gluon kernel where it applies (``attention_dense_gluon.supports``),
+    "triton" forces this one and "gluon" requires the Gluon one.
     """
+    assert kernel in ("auto", "triton", "gluon"), kernel
     B, H, Nq, D = q.shape
     Hk, Nk, DV = k.shape[1], k.shape[2], v.shape[3]
     assert k.shape[0] == B and v.shape[:3] == k.shape[:3] and k.shape[3] == D and H % Hk == 0
@@ -323,9 +341,22 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
         cs = torch.empty((1,), dtype=torch.float32, device=q.device)
     kb, kb_stride = scaled_key_bias(key_bias, B, Nk, scale)
     args = (q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
-            *v.stride(), H, H // Hk, Nq, Nk, num_groups, group_size, scale * _LOG2E)
+            *v.stride(), H, H // Hk, Nq, Nk, num_groups, group_size, scale * _LOG2E, lse)
     meta = dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_CS=has_cs, HAS_KB=kb is not None,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                HAS_REDO=False, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if has_cs and config is None and kernel != "triton":
+        ws = _warp_specialized_kernel()
+        why = "this Triton has no Gluon" if ws is None else ws.supports(q, k, v, group_size)
+        if why is None:
+            redo = torch.zeros(B * H * num_groups, dtype=torch.int32, device=q.device)
+            ws.dense_colmass_ws(q, k, v, scale, lse_prev, group_size, o, lse, cs, redo, kb, kb_stride)
+            # Groups whose anchored normaliser left the safe range: the online softmax recomputes their O and
+            # LSE (every other program of this launch returns at once); the column mass is already complete.
+            _dense_attn[(triton.cdiv(Nq, 64), B * H)](*args[:-1], redo, **dict(meta, HAS_CS=False, HAS_REDO=True),
+                                                      **_REDO_CONFIG)
+            return o, lse, cs
+        if kernel == "gluon":
+            raise ValueError(f"the warp-specialised column-mass kernel does not apply here: {why}")
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG
     if config is None:

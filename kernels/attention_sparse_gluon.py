@@ -32,44 +32,15 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
-                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
+from chipmunk_compile.kernels.kv_ring_gluon import PRODUCER_THREADS
+from chipmunk_compile.kernels.kv_ring_gluon import row_layout as _row_layout
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
-
-
-@gluon.constexpr_function
-def _row_layout(D):
-    """Rows of D 16-bit elements in 16-byte vectors; a 4-warp partition's warps split the rows."""
-    threads_d = getattr(D, "value", D) // 8
-    return gl.BlockedLayout([1, 8], [32 // threads_d, threads_d], [4, 1], [1, 0])
-
-
-@gluon.jit
-def _producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel,
-              stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-              D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    layout: gl.constexpr = _row_layout(D)
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    idx_base = IDX + idx_row * n_sel
-    n_tiles = gl.cdiv(n_sel, BLOCK_N)
-    for i in range(n_tiles):
-        slot = i % NUM_STAGES
-        phase = (i // NUM_STAGES) & 1
-        cols = i * BLOCK_N + offs_n
-        # Tail indices read key row 0 (always valid memory); the consumers mask their scores.
-        idx = gl.load(idx_base + cols, mask=cols < n_sel, other=0).to(gl.int64)
-        k_ptrs = k_base + idx[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
-        # Slots start free: the first wait on each passes (phase 1 of a fresh barrier counts as complete).
-        mbarrier.wait(empty_bars.index(slot), phase ^ 1)
-        async_copy.async_copy_global_to_shared(k_bufs.index(slot), k_ptrs)
-        async_copy.async_copy_global_to_shared(v_bufs.index(slot), v_ptrs)
-        async_copy.mbarrier_arrive(ready_bars.index(slot), increment_count=False)
 
 
 @gluon.jit
@@ -183,7 +154,7 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
         # ready: one (asynchronous) arrival per producer thread; empty: one arrival per consumer warpgroup.
-        mbarrier.init(ready_bars.index(i), count=128)  # the producer is the 4-warp default partition
+        mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)
         mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
 
     # Tuples of partition arguments are spelled out in each call: building them in variables and concatenating
@@ -250,8 +221,9 @@ def supports(q, k, v, base, out, group_size: int) -> str | None:
     if group_size % _ROWS or not 0 < group_size <= 3 * _ROWS:
         return "needs group_size in (64, 128, 192)"
     for t in (q, k, v, base, out):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
-            return "needs unit-stride, 16-byte aligned rows"
+        # Triton specialises integer arguments divisible by 16: the 16-byte cp.async copies need that proof.
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 16 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
+            return "needs unit-stride rows, 16-byte aligned, with strides divisible by 16"
     return None
 
 

@@ -1,11 +1,13 @@
-"""GPU check and timing of the warp-specialised (Gluon) sparse attention kernel against the Triton one.
+"""GPU check and timing of the warp-specialised (Gluon) attention kernels against the Triton ones.
 
-Correctness: bf16/fp16, head dims 64/128, query groups of 64/128/192, batch 2, grouped-query heads, ragged N,
-index-list tails, key-padding bias, (B, N, H, D)-strided q/k/v, in-place update; each against the float32 torch
-reference, with the output poisoned (NaN) beforehand. Timing (do_bench medians, same process): SDPA, the ideal
-(SDPA over only the kept keys), the Triton kernel and the Gluon kernel at HunyuanVideo and FLUX shapes, plus a
-few Gluon configurations. Prints a table; writes sparse_attention_ws_<gpu>.json to $OUT or benchmarks/results.
-Usage: python benchmarks/sparse_attention_ws.py [--quick]
+Sparse delta kernel: bf16/fp16, head dims 64/128, query groups of 64/128/192, batch 2, grouped-query heads,
+ragged N, index-list tails, key-padding bias, (B, N, H, D)-strided q/k/v, in-place update; each against the
+float32 torch reference, with the output poisoned (NaN) beforehand. Dense column-mass kernel: O, LSE and column
+mass against the reference, including groups whose anchor is off by +100 / -75 nats (the redo path).
+Timing (do_bench medians, same process): SDPA, the ideal (SDPA over only the kept keys), the Triton kernel and
+the Gluon kernel at HunyuanVideo and FLUX shapes, plus a few Gluon configurations; the dense step with column
+mass (Gluon, Triton) against SDPA. Prints a table; writes attention_ws_<gpu>.json to $OUT or benchmarks/results.
+Usage: python benchmarks/attention_ws.py [--quick]
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import kept, ms, random_indices, rel_err  # noqa: E402  (benchmarks/kernels.py helpers)
 
+from chipmunk_compile.kernels import attention_dense_gluon as dense_ws  # noqa: E402
+from chipmunk_compile.kernels import attention_dense_triton as dense_tr  # noqa: E402
 from chipmunk_compile.kernels import attention_reference as attn_ref  # noqa: E402
 from chipmunk_compile.kernels import attention_sparse_gluon as ws  # noqa: E402
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
@@ -76,6 +80,74 @@ def check(results, overrides=None):
     assert not bad, f"Gluon kernel disagrees with the reference: {bad}"
 
 
+def check_dense(results):
+    torch.manual_seed(3)
+    cases = [  # B, H, N, D, group, dtype, kb, layout, anchor offsets {group: nats}
+        (2, 4, 3000, 128, 192, torch.bfloat16, False, "bnhd", {}),
+        (2, 4, 3000, 128, 192, torch.bfloat16, True, "bhnd", {}),
+        (1, 3, 777, 64, 128, torch.float16, False, "bhnd", {}),
+        (1, 2, 1000, 128, 192, torch.bfloat16, False, "bhnd", {1: 100.0, 3: -75.0}),
+    ]
+    errs = {}
+    for B, H, N, D, G, dt, use_kb, layout, offsets in cases:
+        if layout == "bnhd":
+            q, k, v = (torch.randn(B, N, H, D, device=DEV, dtype=dt).transpose(1, 2) for _ in range(3))
+        else:
+            q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=dt) for _ in range(3))
+        scale = D ** -0.5
+        kb = None
+        if use_kb:
+            kb = torch.zeros(B, N, device=DEV)
+            kb[:, N - 50:] = float("-inf")
+            kb[:, :40] = 1.5
+        _, lse_true = attn_ref.dense_attention_with_lse(q.float(), k.float(), v.float(), scale, kb)
+        lse_prev = lse_true + 0.3 * torch.randn_like(lse_true)
+        for g, off in offsets.items():
+            lse_prev[:, :, g * G:(g + 1) * G] += off
+        ro, rlse, rcs = attn_ref.dense_attention_lse_colmass(q.float(), k.float(), v.float(), scale, lse_prev, G,
+                                                             key_bias=kb)
+        assert dense_ws.supports(q, k, v, G) is None
+        o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, G, key_bias=kb, kernel="gluon")
+        torch.cuda.synchronize()
+        name = f"dense B{B} H{H} N{N} d{D} g{G} {str(dt)[6:]} kb={use_kb} {layout} anchor offsets {offsets}"
+        # Column mass in float64: the +/-75-nat anchors make its float32 norm overflow.
+        cs_err = ((cs.double() - rcs.double()).norm() / rcs.double().norm()).item()
+        errs[name + " o"], errs[name + " lse"], errs[name + " colmass"] = rel_err(o, ro), rel_err(lse, rlse), cs_err
+        print(f"check {name:80s} o {errs[name + ' o']:.2e} lse {errs[name + ' lse']:.2e} "
+              f"colmass {errs[name + ' colmass']:.2e}", flush=True)
+    bad = {n: e for n, e in errs.items() if not e < 2e-2}
+    results.setdefault("correctness_rel_err", {}).update(errs)
+    assert not bad, f"Gluon dense kernel disagrees with the reference: {bad}"
+
+
+def bench_dense(results, N, quick, H=24, D=128, configs=()):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    scale = D ** -0.5
+    sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), quick)
+    _, lse, _ = dense_tr.dense_attention_lse_colmass(q, k, v, scale, None, 192)
+    tri = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, 192, kernel="triton"), quick)
+    row = dict(bench="dense_colmass", shape=f"B1 H{H} N{N} d{D}", sdpa_ms=sdpa, triton_ms=tri, gluon={})
+    for cfg in configs or ({},):
+        name = ",".join(f"{a}={b}" for a, b in cfg.items()) or "default"
+        saved = dict(dense_ws._CONFIG)
+        dense_ws._CONFIG.update(cfg)
+        try:
+            row["gluon"][name] = ms(lambda: dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse, 192,
+                                                                                 kernel="gluon"), quick)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  config {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        finally:
+            dense_ws._CONFIG.clear()
+            dense_ws._CONFIG.update(saved)
+    best = min(row["gluon"].values())
+    row.update(gluon_ms=best, gluon_overhead_vs_sdpa=best / sdpa, triton_overhead_vs_sdpa=tri / sdpa)
+    results["rows"].append(row)
+    cfgs = " ".join(f"{n}:{t:.3f}" for n, t in row["gluon"].items())
+    print(f"dense+colmass {row['shape']:22s} sdpa {sdpa:8.3f} triton {tri:8.3f} ({tri / sdpa:4.2f}x sdpa) "
+          f"gluon {best:8.3f} ({best / sdpa:4.2f}x sdpa) | {cfgs}", flush=True)
+
+
 def bench(results, N, sparsities, quick, H=24, D=128, configs=()):
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
@@ -104,6 +176,7 @@ def bench(results, N, sparsities, quick, H=24, D=128, configs=()):
             row["gluon"][name] = t
         best = min(row["gluon"].values())
         row.update(gluon_ms=best, speedup_gluon=sdpa / best, speedup_triton=sdpa / tri, fraction_of_ideal=ideal / best)
+        row["bench"] = "sparse_attention"
         results["rows"].append(row)
         cfgs = " ".join(f"{n}:{t:.3f}" for n, t in row["gluon"].items())
         print(f"{row['shape']:22s} {sp:5.3f} sdpa {sdpa:8.3f} ideal {ideal:7.3f} triton {tri:7.3f} "
@@ -121,15 +194,17 @@ def main():
     results = dict(device=gpu, torch=torch.__version__, triton=triton.__version__, rows=[])
     check(results)
     check(results, overrides=dict(OVERLAP=False))
-    sweep = [{}, dict(OVERLAP=False), dict(NUM_STAGES=3), dict(NUM_STAGES=2), dict(CONSUMER_REGS=144)]
+    check_dense(results)
+    for n in (4608, 16896, 118800):
+        bench_dense(results, n, args.quick, configs=[{}, dict(CONSUMER_REGS=144), dict(NUM_STAGES=3)])
+    sweep = [{}, dict(CONSUMER_REGS=144)]
     bench(results, 118800, (0.93,), args.quick, configs=sweep)
-    if not args.quick:
-        bench(results, 118800, (0.85, 0.70), args.quick)
+
     for n in (4608, 16896):
-        bench(results, n, (0.835,), args.quick, configs=[{}, dict(OVERLAP=False)])
+        bench(results, n, (0.835,), args.quick)
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
-    path = os.path.join(out_dir, f"sparse_attention_ws_{tag}.json")
+    path = os.path.join(out_dir, f"attention_ws_{tag}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {path}")

@@ -1,0 +1,215 @@
+"""Warp-specialised dense attention with LSE and per-group column mass for Hopper (sm_90), written in Gluon.
+
+Same result as ``attention_dense_triton.dense_attention_lse_colmass`` with ``lse_prev`` given (and the torch
+reference ``attention_reference.dense_attention_lse_colmass``): O, the per-query LSE and, from the same scores,
+the column mass cs[b, h, g, j] = sum over the queries i of group g of exp(s_ij - lse_prev_i).
+
+    before (Triton, 64-row programs)                after (this kernel, one CTA per query group)
+    prog r: load K/V tile, S = Q_r K^T,              producer warpgroup: K/V tiles -> 4-slot ring (cp.async)
+            p = exp(S - lse_prev), O += p V,         consumer warpgroups 0..2 (64 rows each), per shared tile:
+            cs[g] += colsum(p)   (x3 per group)        S = Q_c K^T (wgmma), p = exp2(S*c - lse_prev_c),
+                                                        l += rowsum(p), cs[g] += colsum(p), O += p V (wgmma)
+
+The softmax is anchored on the previous dense step's LSE (no running max, no accumulator rescale: p is at once
+the attention weight and the column-mass term); LSE = lse_prev + log(l). Exact for any anchor: a group whose
+row normalisers leave [2^-60, 2^100] (the logits moved by more than ~40 nats since the previous dense step) is
+flagged, and the Triton kernel's online softmax recomputes O and LSE for the flagged groups only (a second
+launch whose other programs return at once); the column mass is complete either way. Query rows past the
+sequence end get an infinite anchor, so they add nothing to the column mass.
+
+Supported here: CUDA capability 9.x, bf16/fp16, head dim 64 or 128 (q, k, v alike, same head count), unit-stride
+16-byte aligned rows, group_size 64, 128 or 192. Anything else takes the Triton kernel (``supports``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from chipmunk_compile.kernels.kv_ring_gluon import PRODUCER_THREADS
+from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
+from chipmunk_compile.kernels.kv_ring_gluon import row_layout as _row_layout
+
+_LOG2E = 1.4426950408889634
+_ROWS = 64
+
+
+@gluon.jit
+def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, CS, REDO, q_smem, k_bufs, v_bufs, ready_bars, empty_bars,
+                      b, h, pid_bh, cs_off, redo_off, row0, row_end, Nq, Nk, kb_off, qk_scale,
+                      stride_qb, stride_qh, stride_qn,
+                      D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr):
+    ROWS: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    io_layout: gl.constexpr = _row_layout(D)
+
+    rows_io = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
+    offs_d_io = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_io.to(gl.int64)[:, None] * stride_qn + offs_d_io[None, :]
+    q_smem.store(gl.load(q_ptrs, mask=rows_io[:, None] < row_end, other=0.0))
+    fence_async_shared()
+
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    row_ok = rows < row_end
+    # The anchor in log2 units; rows past the sequence end get +inf so their p is 0 everywhere.
+    anchor = gl.load(LSE_PREV + pid_bh * Nq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    col_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    offs_c = gl.arange(0, BLOCK_N, layout=col_layout)
+    n_tiles = gl.cdiv(Nk, BLOCK_N)
+
+    mbarrier.wait(ready_bars.index(0), 0)
+    fence_async_shared()
+    s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    for i in range(n_tiles):
+        slot = i % NUM_STAGES
+        cols = i * BLOCK_N + offs_n
+        if HAS_KB:
+            s = s + gl.load(KB + kb_off + cols, mask=cols < Nk, other=0.0)[None, :]
+        if (i + 1) * BLOCK_N > Nk:  # ragged last tile: its tail rows read key 0
+            s = gl.where((cols < Nk)[None, :], s, float("-inf"))
+        p = gl.exp2(s * qk_scale - anchor[:, None])
+        l_i = l_i + gl.sum(p, 1)
+        # One column per thread for the atomics (the reduced sums are replicated across the rows' lanes).
+        colsum = gl.convert_layout(gl.sum(p, 0), col_layout)
+        cols_c = i * BLOCK_N + offs_c
+        gl.atomic_add(CS + cs_off + cols_c, colsum, mask=cols_c < Nk, sem="relaxed")
+        p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
+        acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
+        # Next tile's S behind this P @ V; after the last tile the wait is skipped and the product discarded.
+        nxt = i + 1
+        nslot = nxt % NUM_STAGES
+        mbarrier.wait(ready_bars.index(nslot), (nxt // NUM_STAGES) & 1, pred=nxt < n_tiles)
+        fence_async_shared()
+        s = warpgroup_mma(q_smem, k_bufs.index(nslot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s))
+        mbarrier.arrive(empty_bars.index(slot), count=1)
+
+    gl.store(LSE + pid_bh * Nq + rows, (anchor + gl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    bad = row_ok & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
+    if gl.sum(bad.to(gl.int32), 0) > 0:
+        gl.store(REDO + redo_off, 1)
+    o_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    o = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    gl.store(O + (pid_bh * Nq + o_rows.to(gl.int64))[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=(o_rows < row_end)[:, None])
+
+
+@gluon.jit
+def _dense_colmass_ws_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, REDO, stride_kbb,
+                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn,
+                             H, Nq, Nk, num_groups, group_size, qk_scale,
+                             D: gl.constexpr, HAS_KB: gl.constexpr, BLOCK_N: gl.constexpr,
+                             NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    g = gl.program_id(0)
+    pid_bh = gl.program_id(1).to(gl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    row0 = g * group_size
+    row_end = gl.minimum(row0 + group_size, Nq)
+    kb_off = b * stride_kbb
+    redo_off = pid_bh * num_groups + g
+    cs_off = redo_off * Nk
+
+    dtype: gl.constexpr = Q.dtype.element_ty
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], dtype)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)
+        mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
+
+    # Partition argument tuples are spelled out per call (a tuple built in a variable loses its constexprs).
+    if N_CONSUMERS == 3:
+        gl.warp_specialize([
+            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, Nk, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES, False)),
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, CS, REDO, q_bufs.index(0), k_bufs, v_bufs, ready_bars,
+                                 empty_bars, b, h, pid_bh, cs_off, redo_off, row0, row_end, Nq, Nk, kb_off, qk_scale,
+                                 stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, CS, REDO, q_bufs.index(1), k_bufs, v_bufs, ready_bars,
+                                 empty_bars, b, h, pid_bh, cs_off, redo_off, row0 + 64, row_end, Nq, Nk, kb_off,
+                                 qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, CS, REDO, q_bufs.index(2), k_bufs, v_bufs, ready_bars,
+                                 empty_bars, b, h, pid_bh, cs_off, redo_off, row0 + 128, row_end, Nq, Nk, kb_off,
+                                 qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+        ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+    elif N_CONSUMERS == 2:
+        gl.warp_specialize([
+            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, Nk, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES, False)),
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, CS, REDO, q_bufs.index(0), k_bufs, v_bufs, ready_bars,
+                                 empty_bars, b, h, pid_bh, cs_off, redo_off, row0, row_end, Nq, Nk, kb_off, qk_scale,
+                                 stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, CS, REDO, q_bufs.index(1), k_bufs, v_bufs, ready_bars,
+                                 empty_bars, b, h, pid_bh, cs_off, redo_off, row0 + 64, row_end, Nq, Nk, kb_off,
+                                 qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, Nk, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES, False)),
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, CS, REDO, q_bufs.index(0), k_bufs, v_bufs, ready_bars,
+                                 empty_bars, b, h, pid_bh, cs_off, redo_off, row0, row_end, Nq, Nk, kb_off, qk_scale,
+                                 stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+        ], [4], [CONSUMER_REGS])
+
+
+_CONFIG = dict(BLOCK_N=64, NUM_STAGES=4, CONSUMER_REGS=152)
+_MAXNREG = 128
+
+
+def supports(q, k, v, group_size: int) -> str | None:
+    """None when this kernel handles the call, else why not (the caller then uses the Triton kernel)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
+        return "disabled (interpreter or CHIPMUNK_GLUON=0)"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "needs a Hopper (sm_90) GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or not q.dtype == k.dtype == v.dtype:
+        return "needs bf16/fp16 throughout"
+    D = q.shape[-1]
+    if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
+        return "needs head dim 64 or 128 for q, k and v"
+    if k.shape[1] != q.shape[1]:
+        return "needs as many K/V heads as query heads"
+    if group_size % _ROWS or not 0 < group_size <= 3 * _ROWS:
+        return "needs group_size in (64, 128, 192)"
+    for t in (q, k, v):
+        # Triton specialises integer arguments divisible by 16: the 16-byte cp.async copies need that proof.
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 16 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
+            return "needs unit-stride rows, 16-byte aligned, with strides divisible by 16"
+    return None
+
+
+def dense_colmass_ws(q, k, v, scale: float, lse_prev, group_size: int, o, lse, cs, redo,
+                     key_bias_scaled=None, key_bias_stride: int = 0, config: dict | None = None):
+    """Launch into the caller's o [B,H,Nq,D] (contiguous), lse [B,H,Nq], cs [B,H,G,Nk] (zeros) and redo
+    [B*H*G] int32 (zeros; set to 1 for groups the caller must recompute with the online softmax)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    num_groups = cs.shape[2]
+    cfg = dict(_CONFIG, **(config or {}))
+    kb = key_bias_scaled
+    _dense_colmass_ws_kernel[(num_groups, B * H)](
+        q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, redo, key_bias_stride,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        H, Nq, Nk, num_groups, group_size, scale * _LOG2E,
+        D=D, HAS_KB=kb is not None, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"],
+        N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=4, maxnreg=_MAXNREG)

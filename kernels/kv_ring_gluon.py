@@ -1,0 +1,52 @@
+"""Producer half of the Gluon attention kernels (Hopper): streams K/V row tiles into a shared-memory ring.
+
+    global K, V  --(indices or 0..n-1, cp.async 16 B per thread)-->  k_bufs[s], v_bufs[s]  (NUM_STAGES slots)
+    empty[s] (consumers done with slot s)  ->  producer refills s  ->  ready[s] (all its copies landed)
+
+Runs as the 4-warp default partition of a ``gl.warp_specialize`` region; each producer thread's
+``cp.async.mbarrier.arrive.noinc`` counts one arrival on ``ready[s]``, so ready barriers are initialised with
+count 128. Consumers arrive once per warpgroup on ``empty[s]`` after their wgmmas on the slot have completed.
+Tail rows (past n) read row 0, which is always valid memory; consumers mask those columns.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, mbarrier
+
+PRODUCER_THREADS = gl.constexpr(128)  # the 4-warp default partition
+
+
+@gluon.constexpr_function
+def row_layout(D):
+    """Rows of D 16-bit elements in 16-byte vectors; a 4-warp partition's warps split the rows."""
+    threads_d = getattr(D, "value", D) // 8
+    return gl.BlockedLayout([1, 8], [32 // threads_d, threads_d], [4, 1], [1, 0])
+
+
+@gluon.jit
+def kv_ring_producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel,
+                     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                     D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, GATHER: gl.constexpr = True):
+    """Fills the ring with K/V row tiles: the rows named by IDX[idx_row, :n_sel] (GATHER) or rows 0..n_sel-1."""
+    layout: gl.constexpr = row_layout(D)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    idx_base = IDX + idx_row * n_sel
+    n_tiles = gl.cdiv(n_sel, BLOCK_N)
+    for i in range(n_tiles):
+        slot = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        cols = i * BLOCK_N + offs_n
+        # Tail indices read key row 0 (always valid memory); the consumers mask their scores.
+        if GATHER:
+            idx = gl.load(idx_base + cols, mask=cols < n_sel, other=0).to(gl.int64)
+        else:
+            idx = gl.where(cols < n_sel, cols, 0).to(gl.int64)
+        k_ptrs = k_base + idx[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
+        # Slots start free: the first wait on each passes (phase 1 of a fresh barrier counts as complete).
+        mbarrier.wait(empty_bars.index(slot), phase ^ 1)
+        async_copy.async_copy_global_to_shared(k_bufs.index(slot), k_ptrs)
+        async_copy.async_copy_global_to_shared(v_bufs.index(slot), v_ptrs)
+        async_copy.mbarrier_arrive(ready_bars.index(slot), increment_count=False)
