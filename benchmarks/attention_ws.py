@@ -193,12 +193,10 @@ def main():
     print(f"device {gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     results = dict(device=gpu, torch=torch.__version__, triton=triton.__version__, rows=[])
     check(results)
-    check(results, overrides=dict(OVERLAP=False))
     check_dense(results)
     for n in (4608, 16896, 118800):
-        bench_dense(results, n, args.quick, configs=[{}, dict(CONSUMER_REGS=144), dict(NUM_STAGES=3)])
-    sweep = [{}, dict(CONSUMER_REGS=144)]
-    bench(results, 118800, (0.93,), args.quick, configs=sweep)
+        bench_dense(results, n, args.quick, configs=[{}, dict(NUM_STAGES=2)])
+    bench(results, 118800, (0.93,), args.quick, configs=[{}, dict(CONSUMER_REGS=144)])
 
     for n in (4608, 16896):
         bench(results, n, (0.835,), args.quick)

@@ -162,7 +162,8 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     if N_CONSUMERS == 3:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES)),
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, D, BLOCK_N,
+                         NUM_STAGES, True, 0)),
             (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
                          stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
@@ -179,7 +180,8 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     elif N_CONSUMERS == 2:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES)),
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, D, BLOCK_N,
+                         NUM_STAGES, True, 0)),
             (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
                          stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
@@ -192,7 +194,8 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     else:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N, NUM_STAGES)),
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, D, BLOCK_N,
+                         NUM_STAGES, True, 0)),
             (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
                          stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
@@ -240,5 +243,6 @@ def sparse_attention_delta_ws(q, k, v, scale: float, indices, group_size: int, b
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *base.stride()[:3], *out.stride()[:3],
         H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign),
         D=D, HAS_KB=kb is not None, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"],
-        N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"], OVERLAP=cfg["OVERLAP"], num_warps=4, maxnreg=_MAXNREG)
+        N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"], OVERLAP=cfg["OVERLAP"],
+        num_warps=4, maxnreg=_MAXNREG)
     return out

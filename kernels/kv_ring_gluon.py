@@ -25,8 +25,14 @@ def row_layout(D):
 @gluon.jit
 def kv_ring_producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel,
                      stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                     D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, GATHER: gl.constexpr = True):
-    """Fills the ring with K/V row tiles: the rows named by IDX[idx_row, :n_sel] (GATHER) or rows 0..n_sel-1."""
+                     colbuf, CS, cs_off,
+                     D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, GATHER: gl.constexpr,
+                     N_COLSUMS: gl.constexpr):
+    """Fills the ring with K/V row tiles: the rows named by IDX[idx_row, :n_sel] (GATHER) or rows 0..n_sel-1.
+
+    N_COLSUMS > 0: each consumer c leaves its per-key partial sums for the slot's tile in colbuf[4 * slot + c]
+    before releasing the slot; once all have, the producer adds them and stores CS[cs_off + key] (one plain
+    store per key: no atomics, no zero-initialised output). colbuf, CS and cs_off are unused otherwise."""
     layout: gl.constexpr = row_layout(D)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
@@ -47,6 +53,23 @@ def kv_ring_producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, i
         v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
         # Slots start free: the first wait on each passes (phase 1 of a fresh barrier counts as complete).
         mbarrier.wait(empty_bars.index(slot), phase ^ 1)
+        if N_COLSUMS > 0:
+            if i >= NUM_STAGES:  # the slot held tile i - NUM_STAGES, which every consumer has finished
+                _flush_colsums(colbuf, slot * 4, CS, cs_off, (i - NUM_STAGES) * BLOCK_N, n_sel, BLOCK_N, N_COLSUMS)
         async_copy.async_copy_global_to_shared(k_bufs.index(slot), k_ptrs)
         async_copy.async_copy_global_to_shared(v_bufs.index(slot), v_ptrs)
         async_copy.mbarrier_arrive(ready_bars.index(slot), increment_count=False)
+    if N_COLSUMS > 0:  # the last tiles still in the ring
+        for j in range(gl.maximum(n_tiles - NUM_STAGES, 0), n_tiles):
+            mbarrier.wait(empty_bars.index(j % NUM_STAGES), (j // NUM_STAGES) & 1)
+            _flush_colsums(colbuf, (j % NUM_STAGES) * 4, CS, cs_off, j * BLOCK_N, n_sel, BLOCK_N, N_COLSUMS)
+
+
+@gluon.jit
+def _flush_colsums(colbuf, first, CS, cs_off, start, n, BLOCK_N: gl.constexpr, N_COLSUMS: gl.constexpr):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    total = colbuf.index(first).load(layout)
+    for c in gl.static_range(1, N_COLSUMS):
+        total += colbuf.index(first + c).load(layout)
+    cols = start + gl.arange(0, BLOCK_N, layout=layout)
+    gl.store(CS + cs_off + cols, total, mask=cols < n)
