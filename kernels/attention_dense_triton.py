@@ -333,9 +333,19 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     num_groups = -(-Nq // group_size)
     has_cs = lse_prev is not None
+    ws = None
+    if has_cs and config is None and kernel != "triton":
+        ws = _warp_specialized_kernel()
+        why = "this Triton has no Gluon" if ws is None else ws.supports(q, k, v, group_size)
+        if why is not None:
+            if kernel == "gluon":
+                raise ValueError(f"the warp-specialised column-mass kernel does not apply here: {why}")
+            ws = None
     if has_cs:
         lse_prev = lse_prev.to(torch.float32).contiguous()
-        cs = torch.zeros((B, H, num_groups, Nk), dtype=torch.float32, device=q.device)
+        # The Gluon kernel stores every column-mass entry once; the Triton kernel accumulates with atomics.
+        cs = (torch.empty if ws is not None else torch.zeros)((B, H, num_groups, Nk), dtype=torch.float32,
+                                                               device=q.device)
     else:
         lse_prev = lse
         cs = torch.empty((1,), dtype=torch.float32, device=q.device)
@@ -344,19 +354,14 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
             *v.stride(), H, H // Hk, Nq, Nk, num_groups, group_size, scale * _LOG2E, lse)
     meta = dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_CS=has_cs, HAS_KB=kb is not None,
                 HAS_REDO=False, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if has_cs and config is None and kernel != "triton":
-        ws = _warp_specialized_kernel()
-        why = "this Triton has no Gluon" if ws is None else ws.supports(q, k, v, group_size)
-        if why is None:
-            redo = torch.zeros(B * H * num_groups, dtype=torch.int32, device=q.device)
-            ws.dense_colmass_ws(q, k, v, scale, lse_prev, group_size, o, lse, cs, redo, kb, kb_stride)
-            # Groups whose anchored normaliser left the safe range: the online softmax recomputes their O and
-            # LSE (every other program of this launch returns at once); the column mass is already complete.
-            _dense_attn[(triton.cdiv(Nq, 64), B * H)](*args[:-1], redo, **dict(meta, HAS_CS=False, HAS_REDO=True),
-                                                      **_REDO_CONFIG)
-            return o, lse, cs
-        if kernel == "gluon":
-            raise ValueError(f"the warp-specialised column-mass kernel does not apply here: {why}")
+    if ws is not None:
+        redo = torch.zeros(B * H * num_groups, dtype=torch.int32, device=q.device)
+        ws.dense_colmass_ws(q, k, v, scale, lse_prev, group_size, o, lse, cs, redo, kb, kb_stride)
+        # Groups whose anchored normaliser left the safe range: the online softmax recomputes their O and LSE
+        # (every other program of this launch returns at once); the column mass is already complete.
+        _dense_attn[(triton.cdiv(Nq, 64), B * H)](*args[:-1], redo, **dict(meta, HAS_CS=False, HAS_REDO=True),
+                                                  **_REDO_CONFIG)
+        return o, lse, cs
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG
     if config is None:

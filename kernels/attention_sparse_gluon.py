@@ -209,11 +209,16 @@ _CONFIG = dict(BLOCK_N=64, NUM_STAGES=4, CONSUMER_REGS=152, OVERLAP=True)
 _MAXNREG = 128
 
 
-def supports(q, k, v, base, out, group_size: int) -> str | None:
-    """None when this kernel handles the call, else why not (the caller then uses the Triton kernel)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
-        return "disabled (interpreter or CHIPMUNK_GLUON=0)"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+def supports(q, k, v, base, out, group_size: int, capability: tuple | None = None) -> str | None:
+    """None when this kernel handles the call, else why not (the caller then uses the Triton kernel).
+    ``capability`` (tests) skips the device checks and takes that CUDA compute capability."""
+    if capability is None:
+        if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
+            return "disabled (interpreter or CHIPMUNK_GLUON=0)"
+        if not q.is_cuda:
+            return "needs a Hopper (sm_90) GPU"
+        capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] != 9:
         return "needs a Hopper (sm_90) GPU"
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype == base.dtype
                                                                == out.dtype):
