@@ -53,7 +53,8 @@ OPTION_DOCS: dict[str, str] = {
     "invocations_per_step": "Model calls per denoising step (2 when cond and uncond CFG passes are separate "
                             "calls); each invocation keeps its own caches.",
     "seed": "Seed of the random column/unit choice (deterministic per site, step and sample).",
-    "kernels": "'auto': Triton on CUDA, torch reference elsewhere; 'torch': always the reference; 'triton': "
+    "kernels": "'auto': Triton on CUDA (attention on the warp-specialised Gluon kernels where they apply: Hopper, "
+               "bf16/fp16, head dim 64/128), torch reference elsewhere; 'torch': always the reference; 'triton': "
                "always Triton (CPU only under TRITON_INTERPRET=1).",
     "cudagraphs": "Run the Inductor part under CUDA graphs, as torch.compile(mode='reduce-overhead') does (a "
                   "custom backend cannot receive mode and options together); the chipmunk ops run between graphs.",
