@@ -90,11 +90,12 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, q_smem, k_bufs, v_bufs, rea
         if (i + 1) * BLOCK_N > Nk:  # ragged last tile: its tail rows read key 0
             st = gl.where((keys < Nk)[:, None], st, float("-inf"))
         pt = gl.exp2(st * qk_scale - anchor[None, :])
-        l_part = l_part + gl.sum(gl.reshape(pt, [BLOCK_N // 16, 2, 8, ROWS]), 1)
-        colbuf.index(slot * 4 + wg).store(gl.sum(pt, 1))
         pt_smem.store(pt.to(Q.dtype.element_ty))
         fence_async_shared()
         acc = warpgroup_mma(v_bufs.index(slot).permute((1, 0)), pt_smem, acc, is_async=True)
+        # The sums run on the CUDA cores while P^T V^T runs on the tensor cores.
+        l_part = l_part + gl.sum(gl.reshape(pt, [BLOCK_N // 16, 2, 8, ROWS]), 1)
+        colbuf.index(slot * 4 + wg).store(gl.sum(pt, 1))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty_bars.index(slot), count=1)
 
