@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 from chipmunk_compile.kernels import attention_dense_triton as dense_tr
 from chipmunk_compile.kernels import attention_dense_gluon as dense_ws
 from chipmunk_compile.kernels import attention_sparse_gluon as sparse_ws
+from chipmunk_compile.kernels import mlp_mm2_gluon as mm2_ws
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr
 
@@ -68,6 +69,8 @@ def _variants():
                    dict(HAS_BG=True, GATED=gated, HAS_BU=gated, ACT=1, PRECISION="tf32", EVEN_C=True, FULL_T=True,
                         BLOCK_T=128, **config.kwargs),
                    ["stride_xc", "stride_wgc", "stride_wuc", "stride_an"], config.num_warps, config.num_stages)
+    yield ("mlp_mm2_ws (opt-in)", mm2_ws._mm2_ws_kernel, dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),
+           dict(BLOCK_T=128, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
     for config in (mlp_tr._MM2_CONFIGS[0], mlp_tr._MM2_CONFIGS[-1]):
         yield (f"mlp_mm2 {config.kwargs}", mlp_tr._mlp_mm2_kernel,
                dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),

@@ -10,7 +10,8 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
 - dense_step: the first dense step (O + LSE: cuDNN/flash through PyTorch where they apply, else Triton; the
   Triton time is recorded too) and the dense kernel with LSE + column mass as dispatched (the warp-specialised
   Gluon kernel on Hopper; the Triton kernel's time beside it) vs SDPA (the dense-step overhead);
-- mlp: full sparse step (block-mean scoring GEMM + torch.topk + mm1 + mm2 with fused write-back) vs the dense
+- mlp: full sparse step (block-mean scoring GEMM + torch.topk + mm1 + mm2 with fused write-back; the
+  kernels-only and mm2-alone times recorded beside) vs the dense
   torch MLP; ideal = dense time x kept fraction;
 - attention_selection: torch.topk over the column mass of a dense step, and the share of the sparse step
   spent on the output-cache read/write (bytes / measured copy bandwidth).
@@ -145,6 +146,7 @@ def check_correctness():
         mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2.t().contiguous().t(), "gelu_tanh", idx, a, y, T)
     errs["mlp a_cache"] = rel_err(a, a_ref)
     errs["mlp y delta"] = rel_err(y - y0, y_ref - y0)
+
     for name, err in errs.items():
         print(f"check {name:24s} rel err {err:.2e}")
     bad = {n: e for n, e in errs.items() if not e < 2e-2}
@@ -248,8 +250,14 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         select_ms = ms(lambda: select(k), quick)
         kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
                                                          y_cache, TOKEN_BLOCK), quick)
+        # mm2 alone on mm1's packed deltas.
+        delta = mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache, y_cache, TOKEN_BLOCK, None,
+                               run_mm2=False)
+        mm2_ms = ms(lambda: mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache, y_cache,
+                                           TOKEN_BLOCK, None, run_mm1=False, delta=delta), quick)
         record("mlp", f"N{N} {C}-{Fh}-{C} gelu_tanh", sp, dense_ms, total, dense_ms * k / Fh, units=k,
                selection_ms=select_ms, kernels_ms=kernels_ms, selection_share=select_ms / total,
+               mm2_ms=mm2_ms,
                speedup_kernels_only=dense_ms / kernels_ms,
                config=f"mm1 {mlp_tr._mm1_tuned.best_config} mm2 {mlp_tr._mm2_tuned.best_config}")
 

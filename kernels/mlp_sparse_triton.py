@@ -236,17 +236,29 @@ def _grid2(grid_t, dout, B):
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices, a_cache, y_cache,
-                      token_block: int, config: dict | None = None):
+                      token_block: int, config: dict | None = None, kernel: str = "auto"):
     """In place: y_cache[block] += (a_new[S] - a_cache[block, S]) W2[:, S]^T; a_cache[block, S] = a_new[S].
 
     ``config`` = {"mm1": {...}, "mm2": {...}} forces launch configurations (tests); by default the GPU
-    autotunes and the interpreter uses small fixed configurations.
+    autotunes and the interpreter uses small fixed configurations. ``kernel`` "auto" / "triton" run both GEMMs
+    here; "gluon" runs mm2 on the warp-specialised Gluon kernel (``mlp_mm2_gluon``; Hopper only), an experiment
+    kept opt-in because it measured within +-6 % of this one (``benchmarks/mlp_ws.py``).
     """
-    _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config)
+    assert kernel in ("auto", "triton", "gluon"), kernel
+    _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
+            kernel=kernel)
+
+
+def _warp_specialized_mm2():
+    try:
+        from chipmunk_compile.kernels import mlp_mm2_gluon
+    except ImportError:  # Gluon ships with Triton >= 3.5
+        return None
+    return mlp_mm2_gluon
 
 
 def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
-            run_mm1=True, run_mm2=True, delta=None):
+            run_mm1=True, run_mm2=True, delta=None, kernel="auto"):
     """Both GEMMs (or one of them, for benchmarks: ``delta`` then carries mm1's output between calls)."""
     B, N, C = x.shape
     nb, n_sel = indices.shape[1], indices.shape[2]
@@ -269,18 +281,28 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
                     ACT=_ACTIVATIONS[activation], PRECISION=precision, BLOCK_T=block_t)
     mm2_args = (delta, indices, w2, y_cache, *w2.stride(), *y_cache.stride(), N, Dout, nb, n_sel, token_block)
     mm2_meta = dict(PRECISION=precision, BLOCK_T=block_t)
+    ws = None
+    if kernel == "gluon" and run_mm2:
+        ws = _warp_specialized_mm2()
+        why = "this Triton has no Gluon" if ws is None else ws.supports(delta, w2, y_cache, token_block)
+        if why is not None:
+            raise ValueError(f"the warp-specialised mm2 kernel does not apply here: {why}")
     if config is None and _INTERPRET:
         config = {"mm1": _MM1_DEFAULT, "mm2": _MM2_DEFAULT}
     if config is None:
         if run_mm1:
             _mm1_launch(_grid1(grid_t, n_sel, B), mm1_args, mm1_meta)
-        if run_mm2:
+        if run_mm2 and ws is not None:
+            ws.mm2_ws(delta, indices, w2, y_cache)
+        elif run_mm2:
             _mm2_launch(_grid2(grid_t, Dout, B), mm2_args, mm2_meta)
     else:
         c1 = {"GROUP_T": 0, **config["mm1"]}
         c2 = {"GROUP_T": 0, "Y_ATOMIC": 0, **config["mm2"]}
         if run_mm1:
             _mm1[_grid1(grid_t, n_sel, B)(c1)](*mm1_args, **mm1_meta, **c1)
-        if run_mm2:
+        if run_mm2 and ws is not None:
+            ws.mm2_ws(delta, indices, w2, y_cache)
+        elif run_mm2:
             _mm2[_grid2(grid_t, Dout, B)(c2)](*mm2_args, **mm2_meta, **c2)
     return delta

@@ -11,6 +11,7 @@ from chipmunk_compile.kernels import attention_dense_triton as dense_tr  # noqa:
 from chipmunk_compile.kernels import attention_reference as ref  # noqa: E402
 from chipmunk_compile.kernels import attention_sparse_gluon as sparse_ws  # noqa: E402
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
+from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
 
 HOPPER = (9, 0)
 
@@ -72,3 +73,13 @@ def test_off_gpu_auto_uses_triton_and_forcing_gluon_is_a_clear_error():
     lse_prev = ref.dense_attention_with_lse(q, k, v, scale)[1]
     with pytest.raises(ValueError, match="warp-specialised column-mass kernel does not apply"):
         dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, 192, kernel="gluon")
+
+
+def test_gluon_mm2_is_opt_in_and_refuses_off_gpu():
+    B, N, C, Fh, T = 1, 256, 32, 64, 128
+    x = torch.randn(B, N, C)
+    w1, w2 = torch.randn(Fh, C) * C ** -0.5, torch.randn(C, Fh) * Fh ** -0.5
+    idx = torch.stack([torch.randperm(Fh)[:16] for _ in range(N // T)]).view(1, N // T, 16)
+    a, y = torch.randn(B, N, Fh), torch.zeros(B, N, C)
+    with pytest.raises(ValueError, match="warp-specialised mm2 kernel does not apply"):
+        mlp_tr.sparse_mlp_update(x, w1, None, None, None, w2, "gelu", idx, a, y, T, kernel="gluon")
