@@ -56,8 +56,8 @@ def _variants():
     for config in dense_tr._CONFIGS:
         bm, cs_mode, anchor = config.kwargs["BLOCK_M"], config.kwargs["CS_MODE"], config.kwargs["ANCHOR"]
         for has_cs, kb in ((True, False), (True, True), (False, False)):
-            constexprs = dict(_HEAD, HAS_CS=has_cs, HAS_KB=kb, HAS_REDO=False, SINGLE_GROUP=192 % bm == 0, MAX_G=(bm - 1) // 192 + 2,
-                              ANCHORED=bool(anchor) and has_cs, **config.kwargs)
+            constexprs = dict(_HEAD, HAS_CS=has_cs, HAS_KB=kb, HAS_REDO=False, SINGLE_GROUP=192 % bm == 0,
+                              MAX_G=(bm - 1) // 192 + 2, ANCHORED=bool(anchor) and has_cs, **config.kwargs)
             yield (f"dense_attention BM{bm} cs_mode={cs_mode} anchor={anchor} colmass={has_cs} kb={kb}",
                    dense_tr._dense_attn_kernel, dense_ptrs, constexprs, ["stride_qd", "stride_kd", "stride_vd"],
                    config.num_warps, config.num_stages)

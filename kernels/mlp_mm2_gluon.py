@@ -26,6 +26,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+from chipmunk_compile.kernels.kv_ring_gluon import PRODUCER_THREADS
+
 _BLOCK_T = 128
 
 
@@ -109,7 +111,7 @@ def _mm2_ws_kernel(DELTA, IDX, W2, Y, stride_w2f, stride_yb, stride_yn, N, Dout,
     ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(ready_bars.index(i), count=128)  # one asynchronous arrival per producer thread
+        mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)  # one asynchronous arrival per producer thread
         mbarrier.init(empty_bars.index(i), count=2)    # one per consumer warpgroup
     gl.warp_specialize([
         (_mm2_producer, (DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, d_base, sel_base, row_end_local,
