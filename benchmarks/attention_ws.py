@@ -12,7 +12,6 @@ Usage: python benchmarks/attention_ws.py [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import kept, ms, random_indices, rel_err  # noqa: E402  (benchmarks/kernels.py helpers)
+from results_io import write_results  # noqa: E402
 
 from chipmunk_compile.kernels import attention_dense_gluon as dense_ws  # noqa: E402
 from chipmunk_compile.kernels import attention_dense_triton as dense_tr  # noqa: E402
@@ -196,16 +196,11 @@ def main():
     check_dense(results)
     for n in (4608, 16896, 118800):
         bench_dense(results, n, args.quick, configs=[{}, dict(NUM_STAGES=2)])
-    bench(results, 118800, (0.93,), args.quick, configs=[{}, dict(CONSUMER_REGS=144)])
+    bench(results, 118800, (0.93,), args.quick, configs=[{}, dict(CONSUMER_REGS=152)])
 
     for n in (4608, 16896):
         bench(results, n, (0.835,), args.quick)
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
-    path = os.path.join(out_dir, f"attention_ws_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {path}")
+    write_results("attention_ws", results)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ Writes mlp_roofline_<gpu>.json to $OUT or benchmarks/results. Usage: python benc
 """
 from __future__ import annotations
 
-import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ import triton
 from triton.testing import do_bench
 
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_results  # noqa: E402
 
 DEV, BF16 = "cuda", torch.bfloat16
 
@@ -71,13 +74,7 @@ def main():
                 print(f"{N:6d} {sp:4.1f} {block:4d} {k:6d} {gathered / 1e9:11.2f} {hbm_ms:7.3f} {dense:8.3f} "
                       f"{t_rand:8.3f} {t_same:12.3f} {row['speedup']:6.2f}x {row['bound_without_reuse']:5.2f}x",
                       flush=True)
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
-    path = os.path.join(out_dir, f"mlp_roofline_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(dict(device=gpu, torch=torch.__version__, triton=triton.__version__, copy_gbps=copy_gbps,
-                       rows=rows), f, indent=1)
-    print(f"wrote {path}")
+    write_results("mlp_roofline", dict(copy_gbps=copy_gbps, rows=rows))
 
 
 if __name__ == "__main__":

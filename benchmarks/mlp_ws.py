@@ -11,7 +11,6 @@ benchmarks/results. Usage: python benchmarks/mlp_ws.py
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import kept, ms, rel_err  # noqa: E402  (benchmarks/kernels.py helpers)
+from results_io import write_results  # noqa: E402
 
 from chipmunk_compile.kernels import mlp_mm2_gluon as ws  # noqa: E402
 from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
@@ -100,12 +100,7 @@ def main():
             cfgs = " ".join(f"{n}:{t:.3f}" for n, t in row["gluon"].items())
             print(f"mm2 {row['shape']:22s} {sp:.1f} dense {dense_mm2:.3f} ideal {row['ideal_ms']:.3f} triton {tri:.3f} "
                   f"gluon {best:.3f} ({row['fraction_of_ideal']:.2f} of ideal) | {cfgs}", flush=True)
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
-    path = os.path.join(out_dir, f"mlp_ws_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {path}")
+    write_results("mlp_ws", results)
 
 
 if __name__ == "__main__":
