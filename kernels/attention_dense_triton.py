@@ -24,6 +24,7 @@ Same call signature and semantics as ``attention_reference.dense_attention_lse_c
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -301,6 +302,7 @@ def vendor_attention_with_lse(q, k, v, scale: float):
     return None
 
 
+@functools.lru_cache(maxsize=None)  # one import attempt per process
 def _warp_specialized_kernel():
     """The Gluon (Hopper, warp-specialised) column-mass kernel, or None where this Triton build has no Gluon."""
     try:

@@ -16,6 +16,7 @@ Same semantics as ``attention_reference.sparse_attention_delta`` (plus an option
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -224,6 +225,7 @@ _sparse_attn_launch = CachedLaunch(_sparse_attn_tuned)
 
 
 
+@functools.lru_cache(maxsize=None)  # one import attempt per process
 def _warp_specialized_kernel():
     """The Gluon (Hopper, warp-specialised) variant, or None where this Triton build has no Gluon."""
     try:

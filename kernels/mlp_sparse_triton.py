@@ -22,6 +22,7 @@ contiguous [B, F, N] buffer), as the reference kernels store them; the logical s
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -249,6 +250,7 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
             kernel=kernel)
 
 
+@functools.lru_cache(maxsize=None)  # one import attempt per process
 def _warp_specialized_mm2():
     try:
         from chipmunk_compile.kernels import mlp_mm2_gluon
