@@ -37,21 +37,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from chipmunk_compile.kernels.kv_ring_gluon import PRODUCER_THREADS
+from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile as _load_query_tile
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
-from chipmunk_compile.kernels.kv_ring_gluon import row_layout as _row_layout
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64
-
-
-@gluon.jit
-def _load_q_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D: gl.constexpr):
-    io_layout: gl.constexpr = _row_layout(D)
-    rows_io = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, io_layout))
-    offs_d_io = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_io.to(gl.int64)[:, None] * stride_qn + offs_d_io[None, :]
-    q_smem.store(gl.load(q_ptrs, mask=rows_io[:, None] < row_end, other=0.0))
-    fence_async_shared()
 
 
 @gluon.jit
@@ -66,7 +56,7 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, q_smem, k_bufs, v_bufs, rea
                                                        instr_shape=[16, ROWS, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
-    _load_q_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D)
+    _load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D)
 
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
     row_ok = rows < row_end

@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
 from chipmunk_compile.kernels.kv_ring_gluon import PRODUCER_THREADS
-from chipmunk_compile.kernels.kv_ring_gluon import row_layout as _row_layout
+from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile as _load_query_tile
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
@@ -53,15 +53,7 @@ def _consumer(Q, KB, IDX, BASE, OUT, q_smem, k_bufs, v_bufs, ready_bars, empty_b
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    io_layout: gl.constexpr = _row_layout(D)
-
-    # This warpgroup's 64 query rows -> shared memory (the wgmma A operand).
-    rows_io = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
-    offs_d_io = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_io.to(gl.int64)[:, None] * stride_qn + offs_d_io[None, :]
-    q = gl.load(q_ptrs, mask=rows_io[:, None] < row_end, other=0.0)
-    q_smem.store(q)
-    fence_async_shared()
+    _load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D)
 
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))

@@ -1,4 +1,5 @@
-"""Producer half of the Gluon attention kernels (Hopper): streams K/V row tiles into a shared-memory ring.
+"""Shared pieces of the Gluon attention kernels (Hopper): the producer streaming K/V row tiles into a
+shared-memory ring, and the consumers' query-tile load.
 
     global K, V  --(indices or 0..n-1, cp.async 16 B per thread)-->  k_bufs[s], v_bufs[s]  (NUM_STAGES slots)
     empty[s] (consumers done with slot s)  ->  producer refills s  ->  ready[s] (all its copies landed)
@@ -10,7 +11,7 @@ Tail rows (past n) read row 0, which is always valid memory; consumers mask thos
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import async_copy, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, mbarrier
 
 PRODUCER_THREADS = gl.constexpr(128)  # the 4-warp default partition
 
@@ -73,3 +74,14 @@ def _flush_colsums(colbuf, first, CS, cs_off, start, n, BLOCK_N: gl.constexpr, N
         total += colbuf.index(first + c).load(layout)
     cols = start + gl.arange(0, BLOCK_N, layout=layout)
     gl.store(CS + cs_off + cols, total, mask=cols < n)
+
+
+@gluon.jit
+def load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D: gl.constexpr):
+    """A consumer warpgroup's 64 query rows (zeros past row_end) -> q_smem, the wgmma A operand."""
+    io_layout: gl.constexpr = row_layout(D)
+    rows_io = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, io_layout))
+    offs_d_io = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_io.to(gl.int64)[:, None] * stride_qn + offs_d_io[None, :]
+    q_smem.store(gl.load(q_ptrs, mask=rows_io[:, None] < row_end, other=0.0))
+    fence_async_shared()
