@@ -24,13 +24,13 @@ Same call signature and semantics as ``attention_reference.dense_attention_lse_c
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from chipmunk_compile.kernels.dispatch import gluon_module
 from chipmunk_compile.kernels.launch import CachedLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -302,14 +302,9 @@ def vendor_attention_with_lse(q, k, v, scale: float):
     return None
 
 
-@functools.lru_cache(maxsize=None)  # one import attempt per process
 def _warp_specialized_kernel():
-    """The Gluon (Hopper, warp-specialised) column-mass kernel, or None where this Triton build has no Gluon."""
-    try:
-        from chipmunk_compile.kernels import attention_dense_gluon
-    except ImportError:  # Gluon ships with Triton >= 3.5
-        return None
-    return attention_dense_gluon
+    """The Gluon (Hopper, warp-specialised) column-mass kernel module, or None."""
+    return gluon_module("attention_dense_gluon")
 
 
 def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None,

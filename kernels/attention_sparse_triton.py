@@ -16,7 +16,6 @@ Same semantics as ``attention_reference.sparse_attention_delta`` (plus an option
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 
 from chipmunk_compile.kernels.attention_dense_triton import pad_dim, scaled_key_bias
+from chipmunk_compile.kernels.dispatch import gluon_module
 from chipmunk_compile.kernels.launch import CachedLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -225,14 +225,9 @@ _sparse_attn_launch = CachedLaunch(_sparse_attn_tuned)
 
 
 
-@functools.lru_cache(maxsize=None)  # one import attempt per process
 def _warp_specialized_kernel():
-    """The Gluon (Hopper, warp-specialised) variant, or None where this Triton build has no Gluon."""
-    try:
-        from chipmunk_compile.kernels import attention_sparse_gluon
-    except ImportError:  # Gluon ships with Triton >= 3.5
-        return None
-    return attention_sparse_gluon
+    """The Gluon (Hopper, warp-specialised) sparse kernel module, or None."""
+    return gluon_module("attention_sparse_gluon")
 
 
 def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base, sign: float,

@@ -43,3 +43,12 @@ def implementation(name: str, provider: str, device: torch.device):
         if fn is not None:
             return fn
     return _load(reference_module, name)
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_module(module: str):
+    """The Gluon kernel module ``module`` of this package, or None where this Triton has no Gluon (< 3.5)."""
+    try:
+        return importlib.import_module(f"{__package__}.{module}")
+    except ImportError:
+        return None

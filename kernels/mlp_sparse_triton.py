@@ -22,13 +22,13 @@ contiguous [B, F, N] buffer), as the reference kernels store them; the logical s
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from chipmunk_compile.kernels.dispatch import gluon_module
 from chipmunk_compile.kernels.launch import CachedLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -250,13 +250,9 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
             kernel=kernel)
 
 
-@functools.lru_cache(maxsize=None)  # one import attempt per process
 def _warp_specialized_mm2():
-    try:
-        from chipmunk_compile.kernels import mlp_mm2_gluon
-    except ImportError:  # Gluon ships with Triton >= 3.5
-        return None
-    return mlp_mm2_gluon
+    """The Gluon (Hopper, warp-specialised) mm2 kernel module, or None."""
+    return gluon_module("mlp_mm2_gluon")
 
 
 def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
