@@ -137,7 +137,8 @@ def _dense_colmass_ws_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, REDO, stride_kbb
         mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)
         mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
 
-    # Partition argument tuples are spelled out per call (a tuple built in a variable loses its constexprs).
+    # Partition argument tuples are spelled out per call: held in a variable or concatenated, a tuple loses its
+    # constexprs (they become runtime values or plain ints that warp_specialize cannot pass).
     if N_CONSUMERS == 3:
         gl.warp_specialize([
             (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, Nk, stride_kb,

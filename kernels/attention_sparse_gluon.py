@@ -148,8 +148,8 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
         mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)
         mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
 
-    # Tuples of partition arguments are spelled out in each call: building them in variables and concatenating
-    # turns the constexpr members into runtime values.
+    # Partition argument tuples are spelled out per call: held in a variable or concatenated, a tuple loses its
+    # constexprs (they become runtime values or plain ints that warp_specialize cannot pass).
     if N_CONSUMERS == 3:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
