@@ -26,9 +26,7 @@ last dim and 16-byte aligned rows, group_size a multiple of 64 up to 192. Anythi
 """
 from __future__ import annotations
 
-import os
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
@@ -36,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
 from chipmunk_compile.kernels.kv_ring_gluon import PRODUCER_THREADS
+from chipmunk_compile.kernels.kv_ring_gluon import attention_unsupported_reason
 from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile as _load_query_tile
 
 _LOG2E = 1.4426950408889634
@@ -205,27 +204,7 @@ _MAXNREG = 128
 def supports(q, k, v, base, out, group_size: int, capability: tuple | None = None) -> str | None:
     """None when this kernel handles the call, else why not (the caller then uses the Triton kernel).
     ``capability`` (tests) skips the device checks and takes that CUDA compute capability."""
-    if capability is None:
-        if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
-            return "disabled (interpreter or CHIPMUNK_GLUON=0)"
-        if not q.is_cuda:
-            return "needs a Hopper (sm_90) GPU"
-        capability = torch.cuda.get_device_capability(q.device)
-    if capability[0] != 9:
-        return "needs a Hopper (sm_90) GPU"
-    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype == base.dtype
-                                                               == out.dtype):
-        return "needs bf16/fp16 throughout"
-    D = q.shape[-1]
-    if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
-        return "needs head dim 64 or 128 for q, k and v"
-    if group_size % _ROWS or not 0 < group_size <= 3 * _ROWS:
-        return "needs group_size in (64, 128, 192)"
-    for t in (q, k, v, base, out):
-        # Triton specialises integer arguments divisible by 16: the 16-byte cp.async copies need that proof.
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 16 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
-            return "needs unit-stride rows, 16-byte aligned, with strides divisible by 16"
-    return None
+    return attention_unsupported_reason(q, k, v, (base, out), group_size, capability)
 
 
 def sparse_attention_delta_ws(q, k, v, scale: float, indices, group_size: int, base, sign: float, out,

@@ -9,6 +9,9 @@ Runs as the 4-warp default partition of a ``gl.warp_specialize`` region; each pr
 count 128. Consumers arrive once per warpgroup on ``empty[s]`` after their wgmmas on the slot have completed.
 Tail rows (past n) read row 0, which is always valid memory; consumers mask those columns.
 """
+import os
+
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, mbarrier
@@ -85,3 +88,29 @@ def load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride
     q_ptrs = Q + b * stride_qb + h * stride_qh + rows_io.to(gl.int64)[:, None] * stride_qn + offs_d_io[None, :]
     q_smem.store(gl.load(q_ptrs, mask=rows_io[:, None] < row_end, other=0.0))
     fence_async_shared()
+
+
+def attention_unsupported_reason(q, k, v, others, group_size: int, capability: tuple | None) -> str | None:
+    """Why a Gluon attention kernel cannot take this call (None: it can). ``others``: further 16-bit tensors
+    read or written row by row; ``capability`` (tests) skips the device checks and takes that compute capability."""
+    if capability is None:
+        if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
+            return "disabled (interpreter or CHIPMUNK_GLUON=0)"
+        if not q.is_cuda:
+            return "needs a Hopper (sm_90) GPU"
+        capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] != 9:
+        return "needs a Hopper (sm_90) GPU"
+    tensors = (q, k, v, *others)
+    if q.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != q.dtype for t in tensors):
+        return "needs bf16/fp16 throughout"
+    D = q.shape[-1]
+    if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
+        return "needs head dim 64 or 128 for q, k and v"
+    if group_size % 64 or not 0 < group_size <= 192:
+        return "needs group_size in (64, 128, 192)"
+    for t in tensors:
+        # Triton specialises integer arguments divisible by 16: the 16-byte cp.async copies need that proof.
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 16 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
+            return "needs unit-stride rows, 16-byte aligned, with strides divisible by 16"
+    return None

@@ -290,17 +290,15 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
     if config is None:
         if run_mm1:
             _mm1_launch(_grid1(grid_t, n_sel, B), mm1_args, mm1_meta)
-        if run_mm2 and ws is not None:
-            ws.mm2_ws(delta, indices, w2, y_cache)
-        elif run_mm2:
+        if run_mm2 and ws is None:
             _mm2_launch(_grid2(grid_t, Dout, B), mm2_args, mm2_meta)
     else:
         c1 = {"GROUP_T": 0, **config["mm1"]}
         c2 = {"GROUP_T": 0, "Y_ATOMIC": 0, **config["mm2"]}
         if run_mm1:
             _mm1[_grid1(grid_t, n_sel, B)(c1)](*mm1_args, **mm1_meta, **c1)
-        if run_mm2 and ws is not None:
-            ws.mm2_ws(delta, indices, w2, y_cache)
-        elif run_mm2:
+        if run_mm2 and ws is None:
             _mm2[_grid2(grid_t, Dout, B)(c2)](*mm2_args, **mm2_meta, **c2)
+    if run_mm2 and ws is not None:  # after mm1: it reads mm1's deltas
+        ws.mm2_ws(delta, indices, w2, y_cache)
     return delta
