@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from chipmunk_compile import runtime
 from chipmunk_compile.kernels.dispatch import implementation
 from chipmunk_compile.kernels.op_registration import register_stateful_op
-from chipmunk_compile.kernels.selection_reference import select_topk_with_random
 
 
 def attention_selection_counts(num_keys: int, num_static: int, options) -> tuple[int, int, int]:
@@ -99,8 +98,8 @@ def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, sta
         num_keys = k.shape[2]
         forced = (static_start, static_end) if static_end > static_start else None
         num_top, num_random, _ = attention_selection_counts(num_keys, static_end - static_start, opts)
-        indices[inv].copy_(select_topk_with_random(colmass, num_top, num_random, forced,
-                                                              rt.generator(site_index, q.device)))
+        select = implementation("select_topk_with_random", opts.kernels, q.device)
+        indices[inv].copy_(select(colmass, num_top, num_random, forced, rt.generator(site_index, q.device)))
         flags.has_indices = True
     lse_cache[inv].copy_(lse)
     flags.has_lse = True

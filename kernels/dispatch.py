@@ -20,6 +20,8 @@ _IMPLEMENTATIONS = {
     "dense_attention_lse_colmass": ("attention_reference", "attention_dense_triton"),
     "sparse_attention_delta": ("attention_reference", "attention_sparse_triton"),
     "sparse_mlp_update": ("mlp_reference", "mlp_sparse_triton"),
+    "select_topk_with_random": ("selection_reference", "selection_triton"),
+    "mlp_refresh_selection": ("mlp_reference", "selection_triton"),
 }
 
 

@@ -30,9 +30,7 @@ import torch
 from chipmunk_compile import runtime
 from chipmunk_compile.kernels.dispatch import implementation
 from chipmunk_compile.kernels.op_registration import register_stateful_op
-from chipmunk_compile.kernels.mlp_reference import (ACTIVATIONS, block_mean_preactivation, hidden_units,
-                                                     unit_scores)
-from chipmunk_compile.kernels.selection_reference import select_topk_with_random
+from chipmunk_compile.kernels.mlp_reference import ACTIVATIONS, block_mean_preactivation, hidden_units
 
 import torch.nn.functional as F
 
@@ -46,6 +44,15 @@ def mlp_selection_counts(num_units: int, options) -> tuple[int, int, int]:
     total = min(num_units, -(-(num_keep + num_random) // tile) * tile)
     num_random = min(num_random, total)
     return total - num_random, num_random, total
+
+
+def refresh_indices(xb, w_gate, b_gate, w_up, b_up, hbar_cache, indices, num_top: int, num_random: int,
+                    token_block: int, generator, kernels: str = "auto"):
+    """A refresh step's selection, in place: indices [B, nb, K] <- the top ``num_top`` units by the change of
+    their block-mean pre-activation plus ``num_random`` random ones; hbar_cache [B, nb, P*F] refreshed for them."""
+    hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, token_block)
+    select = implementation("mlp_refresh_selection", kernels, xb.device)
+    indices.copy_(select(hbar_new, hbar_cache, w_gate.shape[0], num_top, num_random, generator))
 
 
 def choose_plan(rt, flags) -> str:
@@ -108,16 +115,9 @@ def _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, in
         return y.reshape(out_shape)
 
     if plan == "sparse_refresh":
-        hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block)
-        scores = unit_scores(hbar_new, hbar_cache[inv], w_gate.shape[0])
         num_top, num_random, _ = mlp_selection_counts(w_gate.shape[0], opts)
-        selected = select_topk_with_random(scores, num_top, num_random, None,
-                                           rt.generator(site_index, x.device))
-        indices[inv].copy_(selected)
-        # Each selected unit's reference becomes its value now; unselected units keep their older reference.
-        paths = hbar_new.shape[-1] // w_gate.shape[0]
-        cols = torch.cat([selected + p * w_gate.shape[0] for p in range(paths)], dim=-1)
-        hbar_cache[inv].scatter_(-1, cols, hbar_new.gather(-1, cols))
+        refresh_indices(xb, w_gate, b_gate, w_up, b_up, hbar_cache[inv], indices[inv], num_top, num_random,
+                        opts.mlp_token_block, rt.generator(site_index, x.device), opts.kernels)
         flags.has_indices = True
     update = implementation("sparse_mlp_update", opts.kernels, x.device)
     if x.is_cuda:

@@ -6,6 +6,7 @@ Tokens are the second-to-last axis of ``x [B, N, C]``; token blocks are ``[b*T, 
 - ``hidden_units``: the activation for all or for a subset of hidden units.
 - ``block_mean_preactivation``: W·mean_block(x) + b for the gate (and up) projections, float32 [B, nb, P*F]
   (P = 2 when gated). Because the projection is affine this equals the block mean of the pre-activation.
+- ``mlp_refresh_selection``: scores, top-k + random units per token block, and the refreshed references.
 - ``sparse_mlp_update``: for each token block with selected units S (``indices [B, nb, K]``), the incremental
   update  y_cache[block] += (a_new[:, S] - a_cache[block, S]) W2[:, S]^T  and  a_cache[block, S] = a_new[:, S].
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from chipmunk_compile.kernels.selection_reference import select_topk_with_random
 
 ACTIVATIONS = {
     "gelu": lambda h: F.gelu(h),
@@ -66,6 +69,18 @@ def unit_scores(hbar_new, hbar_cache, num_units: int):
     """|change| of the block-mean pre-activation per hidden unit, summed over gate/up paths: [B, nb, F]."""
     delta = (hbar_new - hbar_cache).abs()
     return delta.reshape(*delta.shape[:-1], -1, num_units).sum(dim=-2)
+
+
+def mlp_refresh_selection(hbar_new, hbar_cache, num_units: int, num_top: int, num_random: int, generator):
+    """Indices [B, nb, K] of the units to recompute per token block (top ``num_top`` by ``unit_scores``, then
+    ``num_random`` at random); in place, each selected unit's reference hbar_cache[.., p*F + j] = hbar_new[..]
+    (unselected units keep their older reference)."""
+    selected = select_topk_with_random(unit_scores(hbar_new, hbar_cache, num_units), num_top, num_random, None,
+                                       generator)
+    paths = hbar_new.shape[-1] // num_units
+    cols = torch.cat([selected + p * num_units for p in range(paths)], dim=-1)
+    hbar_cache.scatter_(-1, cols, hbar_new.gather(-1, cols).to(hbar_cache.dtype))
+    return selected
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices,

@@ -1,0 +1,87 @@
+"""The Triton selection kernel (``kernels/selection_triton.py``) under the CPU interpreter against the torch
+reference: the same index sets (scores drawn without ties), forced ranges, the random extras taken from the same
+generator draw, ties broken without duplicates, batch rows sharing one draw, and the MLP refresh variant that
+scores from block-mean pre-activations and refreshes the references of exactly the selected units."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
+from chipmunk_compile.kernels import selection_reference as sel_ref  # noqa: E402
+from chipmunk_compile.kernels import selection_triton as sel_tr  # noqa: E402
+from chipmunk_compile.kernels.dispatch import implementation  # noqa: E402
+
+
+def _sets(idx):
+    return [set(row.tolist()) for row in idx.reshape(-1, idx.shape[-1])]
+
+
+def _distinct_scores(shape, gen, negative=False):
+    """Scores with no two equal entries in a row (a random permutation of a spread of values)."""
+    n = shape[-1]
+    base = torch.linspace(-3.0 if negative else 0.0, 5.0, n)
+    perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(torch.Size(shape[:-1]).numel())])
+    return base[perms].reshape(shape)
+
+
+@pytest.mark.parametrize("shape,num_top,num_random,forced", [
+    ((2, 3, 2, 77), 10, 5, None),          # batch 2: both samples use one draw
+    ((1, 2, 3, 130), 7, 0, (120, 130)),    # a forced (static) range, no random part
+    ((1, 1, 5, 64), 20, 9, (0, 4)),        # forced + top + random
+    ((2, 4, 300), 64, 13, None),           # MLP-like [B, nb, F]
+])
+def test_select_matches_reference(shape, num_top, num_random, forced):
+    gen = torch.Generator().manual_seed(5)
+    scores = _distinct_scores(shape, gen, negative=True)
+    got = sel_tr.select_topk_with_random(scores, num_top, num_random, forced, torch.Generator().manual_seed(11))
+    want = sel_ref.select_topk_with_random(scores, num_top, num_random, forced, torch.Generator().manual_seed(11))
+    assert got.shape == want.shape and got.dtype == torch.int64
+    assert _sets(got) == _sets(want)
+    for row in got.reshape(-1, got.shape[-1]):
+        assert len(set(row.tolist())) == row.numel()  # no index twice
+
+
+def test_select_ties_infinities_and_masked_keys():
+    """Equal scores at the threshold: exactly k distinct indices, every one at least the threshold; -inf (masked
+    keys) never taken while enough others remain; +inf always taken."""
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, float("-inf"), 2.0, 0.5, float("inf"), -1.0, 2.0]])
+    got = sel_tr.select_topk_with_random(scores, 4, 0, None, None)
+    chosen = got[0].tolist()
+    assert len(set(chosen)) == 4 and 7 in chosen and all(scores[0, i] >= 2.0 for i in chosen)
+    got = sel_tr.select_topk_with_random(scores, 3, 5, None, torch.Generator().manual_seed(0))
+    assert len(set(got[0].tolist())) == 8 and 4 not in got[0, :3].tolist()
+
+
+def test_select_all_and_too_long_rows_use_reference():
+    scores = torch.rand(1, 2, 40)
+    got = sel_tr.select_topk_with_random(scores, 30, 10, None, torch.Generator().manual_seed(0))
+    assert _sets(got) == [set(range(40))] * 2
+    assert sel_tr.supports(sel_tr.MAX_ROW + 1) is not None and sel_tr.supports(sel_tr.MAX_ROW) is None
+
+
+@pytest.mark.parametrize("paths", [1, 2])
+def test_mlp_refresh_matches_reference(paths):
+    gen = torch.Generator().manual_seed(7)
+    B, nb, F, num_top, num_random = 2, 3, 200, 40, 12
+    hbar_new = torch.randn(B, nb, paths * F, generator=gen)
+    # Distinct scores: the change of each unit is a permutation of distinct magnitudes on path 0.
+    cache = hbar_new.clone()
+    cache[..., :F] -= _distinct_scores((B, nb, F), gen)
+    cache_tr, cache_ref = cache.clone(), cache.clone()
+    got = sel_tr.mlp_refresh_selection(hbar_new, cache_tr, F, num_top, num_random, torch.Generator().manual_seed(3))
+    want = mlp_ref.mlp_refresh_selection(hbar_new, cache_ref, F, num_top, num_random,
+                                         torch.Generator().manual_seed(3))
+    assert _sets(got) == _sets(want)
+    assert torch.equal(cache_tr, cache_ref)  # refreshed exactly the selected units, on every path
+    assert not torch.equal(cache_tr, cache)
+
+
+def test_dispatch_picks_triton_selection_under_interpreter():
+    assert implementation("select_topk_with_random", "triton", torch.device("cpu")) is sel_tr.select_topk_with_random
+    assert implementation("mlp_refresh_selection", "torch", torch.device("cpu")) is mlp_ref.mlp_refresh_selection
