@@ -27,6 +27,7 @@ from chipmunk_compile.kernels import attention_sparse_gluon as sparse_ws
 from chipmunk_compile.kernels import mlp_mm2_gluon as mm2_ws
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr
+from chipmunk_compile.kernels import selection_triton as select_tr
 
 _FLOAT_ARGS = {"qk_scale", "sign"}
 _H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90
@@ -73,9 +74,15 @@ def _variants():
            dict(BLOCK_T=128, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
     for config in (mlp_tr._MM2_CONFIGS[0], mlp_tr._MM2_CONFIGS[-1]):
         yield (f"mlp_mm2 {config.kwargs}", mlp_tr._mlp_mm2_kernel,
-               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),
-               dict(PRECISION="tf32", FULL_T=True, EVEN_K=True, EVEN_D=True, BLOCK_T=128, **config.kwargs),
-               ["stride_w2o", "stride_yo"], config.num_warps, config.num_stages)
+               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32", OUT="*bf16"),
+               dict(PRECISION="tf32", FULL_T=True, EVEN_K=True, EVEN_D=True, HAS_OUT=True, BLOCK_T=128,
+                    **config.kwargs),
+               ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)
+    # Selection: one program per row, the row in registers (MLP rows of 12288 units, attention rows up to MAX_ROW).
+    for n, from_hbar in ((4096, False), (16384, True), (select_tr.MAX_ROW, False)):
+        yield (f"selection row {n} from_hbar={from_hbar}", select_tr._select_kernel,
+               dict(SCORES="*fp32", HBAR_NEW="*fp32", HBAR_CACHE="*fp32", NOISE="*fp32", OUT="*i64"),
+               dict(FROM_HBAR=from_hbar, PATHS=1, BLOCK=n), [], select_tr.num_warps_for(n), 1)
 
 
 def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stages, arch):

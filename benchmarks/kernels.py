@@ -10,11 +10,11 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
 - dense_step: the first dense step (O + LSE: cuDNN/flash through PyTorch where they apply, else Triton; the
   Triton time is recorded too) and the dense kernel with LSE + column mass as dispatched (the warp-specialised
   Gluon kernel on Hopper; the Triton kernel's time beside it) vs SDPA (the dense-step overhead);
-- mlp: full sparse step (block-mean scoring GEMM + torch.topk + mm1 + mm2 with fused write-back; the
-  kernels-only and mm2-alone times recorded beside) vs the dense
-  torch MLP; ideal = dense time x kept fraction;
-- attention_selection: torch.topk over the column mass of a dense step, and the share of the sparse step
-  spent on the output-cache read/write (bytes / measured copy bandwidth).
+- mlp: full refresh step as the op runs it (block means + scoring GEMM + the Triton selection kernel + mm1 +
+  mm2 with fused write-back and the bf16 output from mm2's epilogue; the kernels-only, mm2-alone and
+  torch-selection times recorded beside) vs the dense torch MLP; ideal = dense time x kept fraction;
+- attention_selection: the selection over the column mass of a dense step (Triton kernel; torch.topk beside),
+  and the share of the sparse step spent on the output-cache read/write (bytes / measured copy bandwidth).
 
 Prints a table and writes kernels_<gpu>.json (and a speedup-vs-sparsity PNG) to $OUT or benchmarks/results.
 Usage: python benchmarks/kernels.py [--quick | --sweep [dense,sparse,mlp]]   (--sweep: every candidate config of
@@ -36,7 +36,10 @@ from chipmunk_compile.kernels import attention_dense_triton as dense_tr  # noqa:
 from chipmunk_compile.kernels import attention_reference as attn_ref  # noqa: E402
 from chipmunk_compile.kernels import attention_sparse_triton as sparse_tr  # noqa: E402
 from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
+from chipmunk_compile.kernels import mlp_op  # noqa: E402
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
+from chipmunk_compile.kernels import selection_reference as select_ref  # noqa: E402
+from chipmunk_compile.kernels import selection_triton as select_tr  # noqa: E402
 
 ws_kernel = sparse_tr._warp_specialized_kernel()
 
@@ -143,9 +146,18 @@ def check_correctness():
     for _ in range(2):  # the second call launches the cached binaries
         a = a0.transpose(1, 2).contiguous().transpose(1, 2)
         y = y0.clone()
-        mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2.t().contiguous().t(), "gelu_tanh", idx, a, y, T)
+        out = torch.full_like(y, float("nan"), dtype=BF16)
+        mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2.t().contiguous().t(), "gelu_tanh", idx, a, y, T, out=out)
     errs["mlp a_cache"] = rel_err(a, a_ref)
     errs["mlp y delta"] = rel_err(y - y0, y_ref - y0)
+    errs["mlp out = y_cache"] = rel_err(out, y)
+    # Selection: the same index sets as the torch reference (continuous random scores: no ties).
+    for shape, n_top, n_rand in (((1, 24, 24, 4608), 300, 30), ((2, 36, 12288), 3000, 600)):
+        scores = torch.rand(shape, device=DEV)
+        got = select_tr.select_topk_with_random(scores, n_top, n_rand, None, torch.Generator(DEV).manual_seed(1))
+        want = select_ref.select_topk_with_random(scores, n_top, n_rand, None, torch.Generator(DEV).manual_seed(1))
+        same = (got.sort(-1).values == want.sort(-1).values).all(-1).float().mean().item()
+        errs[f"selection sets {shape[-1]} (1 - rows equal)"] = 1.0 - same
 
     for name, err in errs.items():
         print(f"check {name:24s} rel err {err:.2e}")
@@ -208,11 +220,17 @@ def bench_dense_step(N, quick, H=24, D=128):
     record("dense_step_colmass", shape, 0.0, sdpa, fused, kernel="gluon_ws" if uses_ws else "triton",
            overhead_vs_sdpa=fused / sdpa, triton_ms=triton_fused, triton_overhead_vs_sdpa=triton_fused / sdpa,
            triton_config=str(dense_tr._dense_attn_tuned.best_config))
-    # Selection at a dense step: top 7% of each group's column mass (a torch.topk over [H*G, N]).
-    cs = torch.rand(H * -(-N // GROUP), N, device=DEV)
+    # Selection at a dense step: top 7% of each group's column mass ([1, H, G, N]), 5% of it at random, as
+    # the op dispatches it (the Triton selection kernel up to MAX_ROW keys) and with torch.topk beside it.
+    cs = torch.rand(1, H, -(-N // GROUP), N, device=DEV)
     n_sel = kept(N, 0.93)
-    topk = ms(lambda: cs.topk(n_sel, dim=-1, sorted=False), quick)
-    record("attention_selection", shape, 0.93, fused, topk, share_of_dense_step=topk / fused)
+    n_rand = n_sel // 20
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    select_ms = ms(lambda: select_tr.select_topk_with_random(cs, n_sel - n_rand, n_rand, None, gen), quick)
+    torch_ms = ms(lambda: select_ref.select_topk_with_random(cs, n_sel - n_rand, n_rand, None, gen), quick)
+    record("attention_selection", shape, 0.93, fused, select_ms, share_of_dense_step=select_ms / fused,
+           kernel="triton" if select_tr.supports(N) is None else "torch", torch_ms=torch_ms,
+           speedup_vs_torch=torch_ms / select_ms)
 
 
 # ------------------------------------------------------------------------------------------------------- mlp
@@ -229,25 +247,30 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
     assert N % TOKEN_BLOCK == 0
     nb = N // TOKEN_BLOCK
     hbar_cache = torch.randn(1, nb, Fh, device=DEV)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    out = torch.empty(1, N, C, device=DEV, dtype=BF16)
 
-    def select(k):
-        # Block means of x accumulated in fp32 in one pass over x (no fp32 copy of x), the scoring GEMM on nb rows
-        # in bf16 (W1 stays bf16), and top-k. The kernels run as fast on unsorted lists as on sorted ones
-        # (measured), so no sort.
-        means = x.view(1, nb, TOKEN_BLOCK, C).mean(dim=2, dtype=torch.float32).to(BF16)
-        hbar = F.linear(means, w1, b1).float()
-        return (hbar - hbar_cache).abs().topk(k, dim=-1, sorted=False).indices
+    def select(k, kernels="auto"):
+        # What a refresh step of the op runs: block means of x, the scoring GEMM on nb rows, then the selection
+        # (top k - 5% of F by |hbar change|, 5% of F at random, references refreshed): one Triton launch.
+        indices = torch.empty(1, nb, k, device=DEV, dtype=torch.int64)
+        n_rand = min(k, -(-Fh // 20))
+        mlp_op.refresh_indices(x, w1, b1, None, None, hbar_cache, indices, k - n_rand, n_rand, TOKEN_BLOCK, gen,
+                               kernels)
+        return indices
 
     for sp in sparsities:
         k = kept(Fh, sp, 256)
         idx = select(k)
 
         def step():
+            # A refresh step end to end, returning the op's output (y_cache in bf16, from mm2's epilogue).
             mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", select(k), a_cache, y_cache,
-                                     TOKEN_BLOCK)
+                                     TOKEN_BLOCK, out=out)
 
         total = ms(step, quick)
         select_ms = ms(lambda: select(k), quick)
+        select_torch_ms = ms(lambda: select(k, "torch"), quick)
         kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
                                                          y_cache, TOKEN_BLOCK), quick)
         # mm2 alone on mm1's packed deltas.
@@ -256,7 +279,8 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         mm2_ms = ms(lambda: mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache, y_cache,
                                            TOKEN_BLOCK, None, run_mm1=False, delta=delta), quick)
         record("mlp", f"N{N} {C}-{Fh}-{C} gelu_tanh", sp, dense_ms, total, dense_ms * k / Fh, units=k,
-               selection_ms=select_ms, kernels_ms=kernels_ms, selection_share=select_ms / total,
+               selection_ms=select_ms, selection_torch_ms=select_torch_ms, kernels_ms=kernels_ms,
+               selection_share=select_ms / total,
                mm2_ms=mm2_ms,
                speedup_kernels_only=dense_ms / kernels_ms,
                config=f"mm1 {mlp_tr._mm1_tuned.best_config} mm2 {mlp_tr._mm2_tuned.best_config}")

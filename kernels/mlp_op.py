@@ -122,9 +122,10 @@ def _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, in
     update = implementation("sparse_mlp_update", opts.kernels, x.device)
     if x.is_cuda:
         w2 = rt.derived(("w2_unit_major", site_index), w2, lambda w: w.t().contiguous().t())
+    out = torch.empty(y_cache[inv].shape, dtype=x.dtype, device=x.device)
     update(xb, w_gate, b_gate, w_up, b_up, w2, activation, indices[inv], a_cache[inv].transpose(-1, -2),
-           y_cache[inv], opts.mlp_token_block)
-    return y_cache[inv].to(x.dtype, copy=True).reshape(out_shape)
+           y_cache[inv], opts.mlp_token_block, out=out)
+    return out.reshape(out_shape)
 
 
 def _mlp_fake(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, token_perm, token_unperm,

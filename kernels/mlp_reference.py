@@ -84,8 +84,9 @@ def mlp_refresh_selection(hbar_new, hbar_cache, num_units: int, num_top: int, nu
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices,
-                      a_cache, y_cache, token_block: int):
-    """In place: y_cache += (a_new[S] - a_cache[S]) W2[:, S]^T and a_cache[S] = a_new[S], per token block."""
+                      a_cache, y_cache, token_block: int, out=None):
+    """In place: y_cache += (a_new[S] - a_cache[S]) W2[:, S]^T and a_cache[S] = a_new[S], per token block;
+    ``out`` (optional) receives the updated y_cache in its own dtype."""
     cd = _compute_dtype(x)
     B, N, _ = x.shape
     nb = indices.shape[1]
@@ -101,3 +102,5 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
             delta = a_new - a_cache[b, rows][:, sel].to(cd)
             y_cache[b, rows] += (delta @ w2[:, sel].to(cd).t()).to(y_cache.dtype)
             a_cache[b, rows, sel] = a_new.to(a_cache.dtype)
+    if out is not None:
+        out.copy_(y_cache)

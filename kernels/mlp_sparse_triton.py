@@ -133,11 +133,11 @@ def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
 
 
 @triton.jit
-def _mlp_mm2_kernel(DELTA, IDX, W2, Y,
-                    stride_w2o, stride_w2f, stride_yb, stride_yn, stride_yo,
+def _mlp_mm2_kernel(DELTA, IDX, W2, Y, OUT,
+                    stride_w2o, stride_w2f, stride_yb, stride_yn, stride_yo, stride_ob, stride_on, stride_oo,
                     N, Dout, nb, n_sel, token_block,
                     PRECISION: tl.constexpr, GROUP_T: tl.constexpr, FULL_T: tl.constexpr,
-                    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, Y_ATOMIC: tl.constexpr,
+                    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, Y_ATOMIC: tl.constexpr, HAS_OUT: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     tiles_per_block = tl.cdiv(token_block, BLOCK_T)
@@ -171,10 +171,13 @@ def _mlp_mm2_kernel(DELTA, IDX, W2, Y,
     y_ptrs = Y + b * stride_yb + rows[:, None] * stride_yn + offs_o[None, :] * stride_yo
     mask = row_ok[:, None] & o_ok[None, :]
     if Y_ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+        y = tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")  # the old value (each element has one writer)
     else:
         y = tl.load(y_ptrs, mask=mask, other=0.0)
         tl.store(y_ptrs, y + acc, mask=mask)
+    if HAS_OUT:  # the op's output, y_cache in the activations' dtype, without a second pass over y_cache
+        o_ptrs = OUT + b * stride_ob + rows[:, None] * stride_on + offs_o[None, :] * stride_oo
+        tl.store(o_ptrs, (y + acc).to(OUT.dtype.element_ty), mask=mask)
 
 
 _MM1_DEFAULT = {"BLOCK_F": 32, "BLOCK_C": 32, "GROUP_T": 0, "num_warps": 4, "num_stages": 2}
@@ -221,7 +224,8 @@ _mm2 = triton.heuristics({"FULL_T": _full_t, "EVEN_K": lambda a: a["n_sel"] % a[
                           "EVEN_D": lambda a: a["Dout"] % a["BLOCK_D"] == 0})(_mlp_mm2_kernel)
 # mm1 mutates a_cache and mm2 accumulates into y_cache: every autotuning trial must see the original values.
 _mm1_tuned = triton.autotune(_MM1_CONFIGS, key=["N", "C", "n_sel", "GATED", "BLOCK_T"], restore_value=["ACACHE"])(_mm1)
-_mm2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "Dout", "n_sel", "BLOCK_T"], restore_value=["Y"])(_mm2)
+_mm2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "Dout", "n_sel", "BLOCK_T", "HAS_OUT"],
+                             restore_value=["Y"])(_mm2)
 
 
 _mm1_launch = CachedLaunch(_mm1_tuned)
@@ -237,8 +241,9 @@ def _grid2(grid_t, dout, B):
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices, a_cache, y_cache,
-                      token_block: int, config: dict | None = None, kernel: str = "auto"):
-    """In place: y_cache[block] += (a_new[S] - a_cache[block, S]) W2[:, S]^T; a_cache[block, S] = a_new[S].
+                      token_block: int, config: dict | None = None, kernel: str = "auto", out=None):
+    """In place: y_cache[block] += (a_new[S] - a_cache[block, S]) W2[:, S]^T; a_cache[block, S] = a_new[S];
+    ``out`` (optional, [B, N, Dout] in any float dtype) receives the updated y_cache from mm2's epilogue.
 
     ``config`` = {"mm1": {...}, "mm2": {...}} forces launch configurations (tests); by default the GPU
     autotunes and the interpreter uses small fixed configurations. ``kernel`` "auto" / "triton" run both GEMMs
@@ -247,7 +252,7 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
     """
     assert kernel in ("auto", "triton", "gluon"), kernel
     _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
-            kernel=kernel)
+            kernel=kernel, out=out)
 
 
 def _warp_specialized_mm2():
@@ -256,7 +261,7 @@ def _warp_specialized_mm2():
 
 
 def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
-            run_mm1=True, run_mm2=True, delta=None, kernel="auto"):
+            run_mm1=True, run_mm2=True, delta=None, kernel="auto", out=None):
     """Both GEMMs (or one of them, for benchmarks: ``delta`` then carries mm1's output between calls)."""
     B, N, C = x.shape
     nb, n_sel = indices.shape[1], indices.shape[2]
@@ -277,8 +282,12 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
                 N, C, nb, n_sel, token_block)
     mm1_meta = dict(HAS_BG=b_gate is not None, GATED=gated, HAS_BU=b_up is not None,
                     ACT=_ACTIVATIONS[activation], PRECISION=precision, BLOCK_T=block_t)
-    mm2_args = (delta, indices, w2, y_cache, *w2.stride(), *y_cache.stride(), N, Dout, nb, n_sel, token_block)
-    mm2_meta = dict(PRECISION=precision, BLOCK_T=block_t)
+    if out is not None:
+        assert out.shape == y_cache.shape, (tuple(out.shape), tuple(y_cache.shape))
+    mm2_out = y_cache if out is None else out
+    mm2_args = (delta, indices, w2, y_cache, mm2_out, *w2.stride(), *y_cache.stride(), *mm2_out.stride(), N, Dout,
+                nb, n_sel, token_block)
+    mm2_meta = dict(PRECISION=precision, BLOCK_T=block_t, HAS_OUT=out is not None)
     ws = None
     if kernel == "gluon" and run_mm2:
         ws = _warp_specialized_mm2()
@@ -301,4 +310,6 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
             _mm2[_grid2(grid_t, Dout, B)(c2)](*mm2_args, **mm2_meta, **c2)
     if run_mm2 and ws is not None:  # after mm1: it reads mm1's deltas
         ws.mm2_ws(delta, indices, w2, y_cache)
+        if out is not None:
+            out.copy_(y_cache)
     return delta

@@ -31,17 +31,19 @@ MAX_ROW = 32768  # the whole row in registers: up to 64 values per thread at 16 
 
 @triton.jit
 def _order_key(s):
-    """float32 -> int64 with the same order (NaN above +inf like torch.topk): sign-magnitude to two's complement."""
+    """float32 -> int32 with the same order (NaN above +inf like torch.topk): sign-magnitude to two's complement.
+    The two ends, INT32_MAX and INT32_MIN, are NaN patterns; they are reserved for forced and absent entries."""
     bits = s.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
 def _kth_largest(key, k, lo, hi):
-    """Largest T in [lo, hi] with count(key >= T) >= k, given count(key >= lo) >= k (scalars int64)."""
+    """Largest T in [lo, hi] with count(key >= T) >= k, given count(key >= lo) >= k (int64 scalars bounding the
+    int32 keys: the midpoints never overflow)."""
     for _ in range(32):
         mid = lo + ((hi - lo + 1) >> 1)
-        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
+        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
     return lo
@@ -74,16 +76,17 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
     else:
         s = tl.load(SCORES + row * n + offs, mask=valid, other=0.0).to(tl.float32)
     key = _order_key(s)
-    key = tl.where((offs >= forced_lo) & (offs < forced_hi), 0x7FFFFFFF + 1, key)  # forced: above every float
-    key = tl.where(valid, key, -(1 << 40))  # past the row: below every float, never counted
-    taken = _take_top(key, num_top, tl.full([], -(1 << 31), tl.int64), tl.full([], 1 << 31, tl.int64)) & valid
+    key = tl.where((offs >= forced_lo) & (offs < forced_hi), 0x7FFFFFFF, key)  # forced: the top key
+    key = tl.where(valid, key, -0x7FFFFFFF - 1)  # past the row: the bottom key, below the search range
+    lo = tl.full([], -0x7FFFFFFF, tl.int64)
+    taken = _take_top(key, num_top, lo, tl.full([], 0x7FFFFFFF, tl.int64)) & valid
     out_row = OUT + row * (num_top + num_random)
     tl.store(out_row + tl.cumsum(taken.to(tl.int32), 0) - 1, offs, mask=taken)
     if num_random > 0:
         # Uniform noise in [0, 1) ranks the untaken entries; one draw per row of a sample, shared by the batch.
         noise = tl.load(NOISE + (row % rows_per_sample) * n + offs, mask=valid, other=0.0)
-        key2 = tl.where(taken | (offs >= n), -1, noise.to(tl.int32, bitcast=True).to(tl.int64))
-        extra = _take_top(key2, num_random, tl.full([], 0, tl.int64), tl.full([], (1 << 31) - 1, tl.int64))
+        key2 = tl.where(taken | (offs >= n), -1, noise.to(tl.int32, bitcast=True))
+        extra = _take_top(key2, num_random, tl.full([], 0, tl.int64), tl.full([], 0x7FFFFFFF, tl.int64))
         extra = extra & valid & (key2 >= 0)
         tl.store(out_row + num_top + tl.cumsum(extra.to(tl.int32), 0) - 1, offs, mask=extra)
         taken = taken | extra
@@ -98,13 +101,17 @@ def supports(n: int) -> str | None:
     return None if n <= MAX_ROW else f"rows longer than {MAX_ROW} entries"
 
 
+def num_warps_for(block: int) -> int:
+    return max(4, min(16, block // 1024))
+
+
 def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, num_top, num_random, forced,
             paths):
     block = max(16, triton.next_power_of_2(n))
     lo, hi = forced if forced is not None else (0, 0)
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
                             lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, BLOCK=block,
-                            num_warps=max(4, min(16, block // 1024)))
+                            num_warps=num_warps_for(block))
 
 
 def _noise(shape, device, generator, num_random):

@@ -274,9 +274,13 @@ def test_sparse_mlp_update(nan_empty, B, N, C, F, Dout, T, K, act, gated, dtype,
     else:
         a, w2_arg = a0.clone(), w2
     y = y0.clone()
-    mlp_tr.sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2_arg, act, indices.int(), a, y, T, config=config)
+    # The op's output in the activations' dtype, written by mm2's epilogue (poisoned first).
+    out = torch.full((B, N, Dout), float("nan"), dtype=dtype)
+    mlp_tr.sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2_arg, act, indices.int(), a, y, T, config=config,
+                             out=out)
     _close(a, a_ref, dtype, "a_cache")
     _close(y, y_ref, dtype, "y_cache")
+    assert torch.equal(out, y.to(dtype))
 
 
 def test_sparse_mlp_without_biases():
