@@ -107,14 +107,21 @@ def check_dense(results):
         ro, rlse, rcs = attn_ref.dense_attention_lse_colmass(q.float(), k.float(), v.float(), scale, lse_prev, G,
                                                              key_bias=kb)
         assert dense_ws.supports(q, k, v, G) is None
-        o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, G, key_bias=kb, kernel="gluon")
-        torch.cuda.synchronize()
-        name = f"dense B{B} H{H} N{N} d{D} g{G} {str(dt)[6:]} kb={use_kb} {layout} anchor offsets {offsets}"
-        # Column mass in float64: the +/-75-nat anchors make its float32 norm overflow.
-        cs_err = ((cs.double() - rcs.double()).norm() / rcs.double().norm()).item()
-        errs[name + " o"], errs[name + " lse"], errs[name + " colmass"] = rel_err(o, ro), rel_err(lse, rlse), cs_err
-        print(f"check {name:80s} o {errs[name + ' o']:.2e} lse {errs[name + ' lse']:.2e} "
-              f"colmass {errs[name + ' colmass']:.2e}", flush=True)
+        n_items = B * H * -(-N // G)
+        # Default split of the last wave, none, and every group split over two CTAs (partials added afterwards;
+        # with the offset anchors that includes split groups recomputed online).
+        for split in (None, 0, n_items):
+            o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, G, key_bias=kb,
+                                                              kernel="gluon", ws_config={"SPLIT": split})
+            torch.cuda.synchronize()
+            name = (f"dense B{B} H{H} N{N} d{D} g{G} {str(dt)[6:]} kb={use_kb} {layout} anchor offsets {offsets} "
+                    f"split {'auto' if split is None else split}")
+            # Column mass in float64: the +/-75-nat anchors make its float32 norm overflow.
+            cs_err = ((cs.double() - rcs.double()).norm() / rcs.double().norm()).item()
+            errs[name + " o"], errs[name + " lse"] = rel_err(o, ro), rel_err(lse, rlse)
+            errs[name + " colmass"] = cs_err
+            print(f"check {name:96s} o {errs[name + ' o']:.2e} lse {errs[name + ' lse']:.2e} "
+                  f"colmass {errs[name + ' colmass']:.2e}", flush=True)
     bad = {n: e for n, e in errs.items() if not e < 2e-2}
     results.setdefault("correctness_rel_err", {}).update(errs)
     assert not bad, f"Gluon dense kernel disagrees with the reference: {bad}"
@@ -195,7 +202,7 @@ def main():
     check(results)
     check_dense(results)
     for n in (4608, 16896, 118800):
-        bench_dense(results, n, args.quick, configs=[{}, dict(NUM_STAGES=2)])
+        bench_dense(results, n, args.quick, configs=[{}, dict(SPLIT=0)])
     bench(results, 118800, (0.93,), args.quick, configs=[{}, dict(CONSUMER_REGS=152)])
 
     for n in (4608, 16896):

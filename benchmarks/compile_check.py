@@ -49,7 +49,8 @@ def _variants():
                dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16"),
                dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64, **ws), [], 4,
                dict(maxnreg=sparse_ws._MAXNREG))
-    dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32", REDO="*i32")
+    dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32", REDO="*i32", PART_O="*fp32",
+                      PART_L="*fp32")
     for d, kb, groups in ((128, False, 192), (128, True, 192), (64, False, 192), (128, False, 128)):
         yield (f"dense_attention_ws d={d} kb={kb} group={groups}", dense_ws._dense_colmass_ws_kernel, dense_ptrs,
                dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64, **dense_ws._CONFIG), [], 4,

@@ -23,11 +23,20 @@ Triton kernel's online softmax recomputes O and LSE for the flagged groups only 
 programs return at once); the column mass is complete either way. Query rows past the sequence end get an
 infinite anchor, so they add nothing to the column mass.
 
+Last-wave split (``split_count``): with one CTA per group, a last wave that fills at most half the SMs would
+leave the rest idle for a whole group's time (576 groups = 4.4 waves on 132 SMs). Those last groups run as two
+CTAs each, over the first and second half of the key tiles: each writes its keys' column mass directly and its
+unnormalised O^T and l to scratch; with the same anchor the halves simply add, which the second launch does
+(O = (O_0 + O_1) / (l_0 + l_1), LSE = lse_prev + log(l_0 + l_1), recomputed online if that sum is out of range).
+
 Supported here: CUDA capability 9.x, bf16/fp16, head dim 64 or 128 (q, k, v alike, same head count), unit-stride
 16-byte aligned rows, group_size 64, 128 or 192. Anything else takes the Triton kernel (``supports``).
 """
 from __future__ import annotations
 
+import functools
+
+import torch
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -44,10 +53,12 @@ _ROWS = 64
 
 
 @gluon.jit
-def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, q_smem, k_bufs, v_bufs, ready_bars, empty_bars, pt_smem,
-                      colbuf, wg, b, h, pid_bh, redo_off, row0, row_end, Nq, Nk, kb_off, qk_scale,
+def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_bufs, v_bufs, ready_bars, empty_bars,
+                      pt_smem, colbuf, wg, b, h, pid_bh, redo_off, part_row, row0, row_end, Nq, Nk, kb_off, qk_scale,
                       stride_qb, stride_qh, stride_qn, D: gl.constexpr, BLOCK_N: gl.constexpr,
                       NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr):
+    # Nk, KB + kb_off: this CTA's keys (all of them, or one half of a split group's); part_row < 0: a whole
+    # group, else the first scratch row of this consumer's unnormalised partial O and l.
     # Scores transposed, S^T = K Q^T [keys, queries]: the column mass (a sum over queries) is then a row sum
     # (in-thread adds and two shuffles, no cross-warp step), and O^T += V^T P^T with P^T staged in shared memory.
     ROWS: gl.constexpr = 64
@@ -89,36 +100,57 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, q_smem, k_bufs, v_bufs, rea
         mbarrier.arrive(empty_bars.index(slot), count=1)
 
     l_i = gl.convert_layout(gl.sum(gl.sum(l_part, 0), 0), gl.SliceLayout(0, s_layout))
-    gl.store(LSE + pid_bh * Nq + rows, (anchor + gl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
-    bad = row_ok & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
-    if gl.sum(bad.to(gl.int32), 0) > 0:
-        gl.store(REDO + redo_off, 1)
-    o_t = acc / gl.convert_layout(l_i, gl.SliceLayout(0, o_layout))[None, :]
-    # O^T -> O rows: head dim fastest per thread for 16-byte stores.
-    st_layout: gl.constexpr = gl.BlockedLayout([8, 1], [D // 8, 32 // (D // 8)], [1, 4], [0, 1])
-    o_t = gl.convert_layout(o_t.to(O.dtype.element_ty), st_layout)
-    o_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, st_layout))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(1, st_layout))
-    gl.store(O + (pid_bh * Nq + o_rows.to(gl.int64))[None, :] * D + offs_d[:, None], o_t,
-             mask=(o_rows < row_end)[None, :])
+    if part_row >= 0:
+        # Half of a split group: the two halves' partials add up (same anchor), combined by the redo launch.
+        prow = part_row + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+        gl.store(PART_L + prow, l_i)
+        prow_o = part_row + gl.arange(0, ROWS, layout=gl.SliceLayout(0, o_layout))
+        offs_do = gl.arange(0, D, layout=gl.SliceLayout(1, o_layout))
+        gl.store(PART_O + prow_o.to(gl.int64)[None, :] * D + offs_do[:, None], acc)
+    else:
+        gl.store(LSE + pid_bh * Nq + rows, (anchor + gl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+        bad = row_ok & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
+        if gl.sum(bad.to(gl.int32), 0) > 0:
+            gl.store(REDO + redo_off, 1)
+        o_t = acc / gl.convert_layout(l_i, gl.SliceLayout(0, o_layout))[None, :]
+        # O^T -> O rows: head dim fastest per thread for 16-byte stores.
+        st_layout: gl.constexpr = gl.BlockedLayout([8, 1], [D // 8, 32 // (D // 8)], [1, 4], [0, 1])
+        o_t = gl.convert_layout(o_t.to(O.dtype.element_ty), st_layout)
+        o_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, st_layout))
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(1, st_layout))
+        gl.store(O + (pid_bh * Nq + o_rows.to(gl.int64))[None, :] * D + offs_d[:, None], o_t,
+                 mask=(o_rows < row_end)[None, :])
 
 
 @gluon.jit
-def _dense_colmass_ws_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, REDO, stride_kbb,
+def _dense_colmass_ws_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, REDO, PART_O, PART_L, stride_kbb,
                              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn,
-                             H, Nq, Nk, num_groups, group_size, qk_scale,
+                             H, Nq, Nk, num_groups, group_size, first_split, qk_scale,
                              D: gl.constexpr, HAS_KB: gl.constexpr, BLOCK_N: gl.constexpr,
                              NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    g = gl.program_id(0)
-    pid_bh = gl.program_id(1).to(gl.int64)
+    # Work items t = g + num_groups * (b * H + h) in launch order; those from first_split on (the last,
+    # partial wave) run as two CTAs each, one per half of the key tiles.
+    w = gl.program_id(0)
+    split = w >= first_split
+    j = gl.maximum(w - first_split, 0)  # split CTA j: group first_split + j // 2, key half j % 2
+    half = gl.cdiv(gl.cdiv(Nk, BLOCK_N), 2) * BLOCK_N
+    t = gl.where(split, first_split + j // 2, w)
+    key_lo = gl.where(split, (j % 2) * half, 0)
+    n_keys = gl.where(split, half + (j % 2) * (Nk - 2 * half), Nk)
+    # First scratch row of the CTA's partial O and l; negative for every consumer of a whole group.
+    part_row = gl.where(split, j * (N_CONSUMERS * 64), -1024)
+    g = t % num_groups
+    pid_bh = (t // num_groups).to(gl.int64)
     b = pid_bh // H
     h = pid_bh % H
     row0 = g * group_size
     row_end = gl.minimum(row0 + group_size, Nq)
-    kb_off = b * stride_kbb
+    kb_off = b * stride_kbb + key_lo
     redo_off = pid_bh * num_groups + g
-    cs_off = redo_off * Nk
+    cs_off = redo_off * Nk + key_lo
+    K = K + key_lo.to(gl.int64) * stride_kn
+    V = V + key_lo.to(gl.int64) * stride_vn
 
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
@@ -140,38 +172,44 @@ def _dense_colmass_ws_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, REDO, stride_kbb
     # constexprs (they become runtime values or plain ints that warp_specialize cannot pass).
     if N_CONSUMERS == 3:
         gl.warp_specialize([
-            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, Nk, stride_kb,
+            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, n_keys, stride_kb,
                          stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, colbuf, CS, cs_off, D, BLOCK_N,
                          NUM_STAGES, False, N_CONSUMERS)),
-            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars,
-                                 pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off, row0, row_end, Nq, Nk,
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
+                                 ready_bars, empty_bars, pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off,
+                                 part_row + 0, row0, row_end, Nq, n_keys,
                                  kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
-            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars,
-                                 pt_bufs.index(1), colbuf, 1, b, h, pid_bh, redo_off, row0 + 64, row_end, Nq, Nk,
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(1), k_bufs, v_bufs,
+                                 ready_bars, empty_bars, pt_bufs.index(1), colbuf, 1, b, h, pid_bh, redo_off,
+                                 part_row + 64, row0 + 64, row_end, Nq, n_keys,
                                  kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
-            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, q_bufs.index(2), k_bufs, v_bufs, ready_bars, empty_bars,
-                                 pt_bufs.index(2), colbuf, 2, b, h, pid_bh, redo_off, row0 + 128, row_end, Nq, Nk,
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(2), k_bufs, v_bufs,
+                                 ready_bars, empty_bars, pt_bufs.index(2), colbuf, 2, b, h, pid_bh, redo_off,
+                                 part_row + 128, row0 + 128, row_end, Nq, n_keys,
                                  kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
     elif N_CONSUMERS == 2:
         gl.warp_specialize([
-            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, Nk, stride_kb,
+            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, n_keys, stride_kb,
                          stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, colbuf, CS, cs_off, D, BLOCK_N,
                          NUM_STAGES, False, N_CONSUMERS)),
-            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars,
-                                 pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off, row0, row_end, Nq, Nk,
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
+                                 ready_bars, empty_bars, pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off,
+                                 part_row + 0, row0, row_end, Nq, n_keys,
                                  kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
-            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars,
-                                 pt_bufs.index(1), colbuf, 1, b, h, pid_bh, redo_off, row0 + 64, row_end, Nq, Nk,
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(1), k_bufs, v_bufs,
+                                 ready_bars, empty_bars, pt_bufs.index(1), colbuf, 1, b, h, pid_bh, redo_off,
+                                 part_row + 64, row0 + 64, row_end, Nq, n_keys,
                                  kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([
-            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, Nk, stride_kb,
+            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, n_keys, stride_kb,
                          stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, colbuf, CS, cs_off, D, BLOCK_N,
                          NUM_STAGES, False, N_CONSUMERS)),
-            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars,
-                                 pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off, row0, row_end, Nq, Nk,
+            (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
+                                 ready_bars, empty_bars, pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off,
+                                 part_row + 0, row0, row_end, Nq, n_keys,
                                  kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
         ], [4], [CONSUMER_REGS])
 
@@ -191,18 +229,50 @@ def supports(q, k, v, group_size: int, capability: tuple | None = None) -> str |
     return why
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_count(work_items: int, key_tiles: int, num_sms: int, forced: int | None = None) -> int:
+    """How many of the last work items (query groups) run as two CTAs over half the key tiles each.
+
+    One CTA per group fills the SMs in waves; a last wave at most half full would leave the other SMs idle for a
+    whole group's time, while its groups split in two finish in half that time (e.g. 576 groups on 132 SMs: 4
+    full waves + 48 groups -> 4.5 group-times instead of 5). ``forced`` (tests) splits that many instead."""
+    if key_tiles < 2:
+        return 0
+    if forced is not None:
+        return max(0, min(forced, work_items))
+    rem = work_items % num_sms
+    return rem if rem <= num_sms // 2 else 0
+
+
 def dense_colmass_ws(q, k, v, scale: float, lse_prev, group_size: int, o, lse, cs, redo,
                      key_bias_scaled=None, key_bias_stride: int = 0, config: dict | None = None):
-    """Launch into the caller's o [B,H,Nq,D] (contiguous), lse [B,H,Nq], cs [B,H,G,Nk] (zeros) and redo
-    [B*H*G] int32 (zeros; set to 1 for groups the caller must recompute with the online softmax)."""
+    """Launch into the caller's o [B,H,Nq,D] (contiguous), lse [B,H,Nq], cs [B,H,G,Nk] and redo [B*H*G] int32
+    (zeros; set to 1 for groups the caller must recompute with the online softmax).
+
+    Returns (first_split, part_o, part_l, part_rows): work items t = g + G * (b * H + h) from first_split on ran
+    split in two; their unnormalised halves are part_o [2 * n_split * part_rows, D] and part_l [...] (fp32,
+    rows (2 * (t - first_split) + half) * part_rows + row in group), and o / lse for them are left to the caller
+    (the redo launch of ``attention_dense_triton`` adds the halves)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     num_groups = cs.shape[2]
     cfg = dict(_CONFIG, **(config or {}))
     kb = key_bias_scaled
-    _dense_colmass_ws_kernel[(num_groups, B * H)](
-        q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, redo, key_bias_stride,
+    items = B * H * num_groups
+    n_consumers = -(-group_size // _ROWS)
+    part_rows = n_consumers * _ROWS
+    n_split = split_count(items, -(-Nk // cfg["BLOCK_N"]), _sm_count(q.device.index or 0), cfg.get("SPLIT"))
+    first_split = items - n_split
+    part_o = torch.empty((max(1, 2 * n_split * part_rows), D), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((max(1, 2 * n_split * part_rows),), dtype=torch.float32, device=q.device)
+    _dense_colmass_ws_kernel[(first_split + 2 * n_split,)](
+        q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, redo, part_o, part_l, key_bias_stride,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        H, Nq, Nk, num_groups, group_size, scale * _LOG2E,
+        H, Nq, Nk, num_groups, group_size, first_split, scale * _LOG2E,
         D=D, HAS_KB=kb is not None, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"],
-        N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=4, maxnreg=_MAXNREG)
+        N_CONSUMERS=n_consumers, CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=4, maxnreg=_MAXNREG)
+    return first_split, part_o, part_l, part_rows

@@ -148,11 +148,36 @@ def _attend_all_keys(q, k_base, v_base, kb_row, Nk, m_i, l_i, acc, lse_prev2, cs
 
 
 @triton.jit
+def _add_split_halves(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, split, part_rows, Nq, group_size,
+                      DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """O and LSE of a BLOCK_M-row tile of a group the Gluon kernel split over two key halves: both halves share
+    the anchor lse_prev, so O = (O_0 + O_1) / (l_0 + l_1) and LSE = lse_prev + log(l_0 + l_1). False (nothing
+    stored) when a row's summed normaliser leaves the safe range: the caller then recomputes the tile."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < Nq
+    offs_dv = tl.arange(0, DV_PAD)
+    rows0 = 2 * split * part_rows + (offs_m - g * group_size)
+    l_i = tl.load(PART_L + rows0, mask=m_valid, other=1.0) + tl.load(PART_L + rows0 + part_rows, mask=m_valid,
+                                                                      other=0.0)
+    bad = m_valid & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
+    ok = tl.sum(bad.to(tl.int32)) == 0
+    o_mask = m_valid[:, None] & (offs_dv[None, :] < DV) & ok
+    p_ptrs = PART_O + rows0.to(tl.int64)[:, None] * DV + offs_dv[None, :]
+    acc = tl.load(p_ptrs, mask=o_mask, other=0.0) + tl.load(p_ptrs + part_rows * DV, mask=o_mask, other=0.0)
+    o_ptrs = O + pid_bh * Nq * DV + offs_m[:, None] * DV + offs_dv[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=o_mask)
+    anchor = tl.load(LSE_PREV + pid_bh * Nq + offs_m, mask=m_valid, other=0.0)
+    tl.store(LSE + pid_bh * Nq + offs_m, anchor + tl.log(l_i), mask=m_valid & ok)
+    return ok
+
+
+@triton.jit
 def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb,
                        stride_qb, stride_qh, stride_qn, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
-                       H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, REDO,
+                       H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, REDO, PART_O, PART_L, first_split,
+                       part_rows,
                        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                        HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr,
                        MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHOR: tl.constexpr, ANCHORED: tl.constexpr,
@@ -161,8 +186,17 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb,
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     if HAS_REDO:
-        # Redo pass after the Gluon anchored kernel: only query groups it flagged (REDO[bh, g] != 0) run.
-        if tl.load(REDO + pid_bh * num_groups + (pid_m * BLOCK_M) // group_size) == 0:
+        # Pass after the Gluon anchored kernel: groups it ran split in two get their halves added here; groups
+        # it flagged (REDO[bh, g] != 0) and split groups whose summed normaliser is out of range are recomputed
+        # below with the online softmax; every other program returns at once.
+        g = (pid_m * BLOCK_M) // group_size
+        item = pid_bh * num_groups + g
+        if item >= first_split:
+            finished = _add_split_halves(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, item - first_split,
+                                         part_rows, Nq, group_size, DV, DV_PAD, BLOCK_M)
+        else:
+            finished = tl.load(REDO + item) == 0
+        if finished:
             return
     b = pid_bh // H
     h = pid_bh % H
@@ -307,15 +341,42 @@ def _warp_specialized_kernel():
     return gluon_module("attention_dense_gluon")
 
 
+def _kernel_args(q, k, v, scale, o, lse, lse_prev, cs, kb, kb_stride, group_size):
+    """The kernel's arguments up to qk_scale."""
+    H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+    return (q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
+            *v.stride(), H, H // k.shape[1], Nq, Nk, -(-Nq // group_size), group_size, scale * _LOG2E)
+
+
+def _kernel_meta(q, v, has_cs: bool, kb) -> dict:
+    D, DV = q.shape[3], v.shape[3]
+    return dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_CS=has_cs, HAS_KB=kb is not None,
+                HAS_REDO=False, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def finish_gluon_dense_step(q, k, v, scale: float, lse_prev, group_size: int, o, lse, redo, first_split: int,
+                            part_o, part_l, part_rows: int, key_bias=None):
+    """The launch behind the Gluon column-mass kernel (its outputs o, lse, redo and split partials as
+    ``attention_dense_gluon.dense_colmass_ws`` returns them): adds the halves of the groups it split (work items
+    g + G * (b * H + h) from ``first_split`` on) and recomputes with the online softmax the O and LSE of every
+    group flagged in ``redo`` or whose summed normaliser is out of range; the column mass is already complete."""
+    B, H, Nq, _ = q.shape
+    kb, kb_stride = scaled_key_bias(key_bias, B, k.shape[2], scale)
+    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, lse, kb, kb_stride, group_size)
+    _dense_attn[(triton.cdiv(Nq, 64), B * H)](*args, redo, part_o, part_l, first_split, part_rows,
+                                              **dict(_kernel_meta(q, v, False, kb), HAS_REDO=True), **_REDO_CONFIG)
+
+
 def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None,
-                                key_bias=None, kernel: str = "auto"):
+                                key_bias=None, kernel: str = "auto", ws_config: dict | None = None):
     """(o [B,H,Nq,Dv] in q.dtype, lse fp32 [B,H,Nq], column mass fp32 [B,H,ceil(Nq/G),Nk] or None).
 
     ``config`` forces one launch configuration of this Triton kernel (tests); by default the GPU autotunes and
     the interpreter uses a small fixed configuration. Without ``lse_prev`` (no column mass) and no ``config``,
     PyTorch's fused SDPA kernels are used where they apply (they also return the LSE). With ``lse_prev``,
     ``kernel`` "auto" takes the warp-specialised Gluon kernel where it applies (``attention_dense_gluon.supports``),
-    "triton" forces this one and "gluon" requires the Gluon one.
+    "triton" forces this one and "gluon" requires the Gluon one; ``ws_config`` overrides the Gluon kernel's
+    launch settings (benchmarks and tests, e.g. {"SPLIT": n} to split the last n query groups over two CTAs).
     """
     assert kernel in ("auto", "triton", "gluon"), kernel
     B, H, Nq, D = q.shape
@@ -347,18 +408,14 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
         lse_prev = lse
         cs = torch.empty((1,), dtype=torch.float32, device=q.device)
     kb, kb_stride = scaled_key_bias(key_bias, B, Nk, scale)
-    args = (q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
-            *v.stride(), H, H // Hk, Nq, Nk, num_groups, group_size, scale * _LOG2E, lse)
-    meta = dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_CS=has_cs, HAS_KB=kb is not None,
-                HAS_REDO=False, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if ws is not None:
         redo = torch.zeros(B * H * num_groups, dtype=torch.int32, device=q.device)
-        ws.dense_colmass_ws(q, k, v, scale, lse_prev, group_size, o, lse, cs, redo, kb, kb_stride)
-        # Groups whose anchored normaliser left the safe range: the online softmax recomputes their O and LSE
-        # (every other program of this launch returns at once); the column mass is already complete.
-        _dense_attn[(triton.cdiv(Nq, 64), B * H)](*args[:-1], redo, **dict(meta, HAS_CS=False, HAS_REDO=True),
-                                                  **_REDO_CONFIG)
+        split = ws.dense_colmass_ws(q, k, v, scale, lse_prev, group_size, o, lse, cs, redo, kb, kb_stride,
+                                    config=ws_config)
+        finish_gluon_dense_step(q, k, v, scale, lse_prev, group_size, o, lse, redo, *split, key_bias=key_bias)
         return o, lse, cs
+    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, cs, kb, kb_stride, group_size) + (lse, lse, lse, 0, 0)
+    meta = _kernel_meta(q, v, has_cs, kb)
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG
     if config is None:

@@ -83,3 +83,16 @@ def test_gluon_mm2_is_opt_in_and_refuses_off_gpu():
     a, y = torch.randn(B, N, Fh), torch.zeros(B, N, C)
     with pytest.raises(ValueError, match="warp-specialised mm2 kernel does not apply"):
         mlp_tr.sparse_mlp_update(x, w1, None, None, None, w2, "gelu", idx, a, y, T, kernel="gluon")
+
+
+@pytest.mark.parametrize("items,tiles,sms,forced,expected", [
+    (576, 72, 132, None, 48),     # FLUX 1024^2, 24 heads: 4 full waves + 48 groups -> the 48 split
+    (2112, 264, 132, None, 0),    # exactly 16 waves: nothing to split
+    (600, 72, 132, None, 0),      # last wave 72/132 > half full: splitting would not shorten it
+    (40, 10, 132, None, 40),      # one partial wave at most half full: all split
+    (576, 1, 132, None, 0),       # a single key tile cannot be halved
+    (576, 72, 132, 1000, 576),    # forced (tests), clipped to the item count
+    (576, 72, 132, 0, 0),
+])
+def test_split_count(items, tiles, sms, forced, expected):
+    assert dense_ws.split_count(items, tiles, sms, forced) == expected

@@ -184,6 +184,66 @@ def test_anchored_dense_step_is_exact_for_any_anchor(nan_empty, shift):
             _close(cs / rcs.abs().max(), rcs / rcs.abs().max(), torch.float32, f"column mass (mode {cs_mode})")
 
 
+@pytest.mark.parametrize("kind", [None, "padding"])
+def test_split_groups_halves_added_and_flagged_groups_redone(kind):
+    """The launch behind the Gluon column-mass kernel (``finish_gluon_dense_step``), fed what that kernel leaves:
+    O / LSE of whole groups, unnormalised halves (keys split at a 64-key tile boundary, same anchor) of the last
+    groups, and redo flags. Split groups get the exact O and LSE from their halves (also one whose halves' summed
+    normaliser is out of range, recomputed online); a flagged whole group is recomputed; unflagged whole groups
+    are left as they were."""
+    gen = torch.Generator().manual_seed(4)
+    B, H, N, D, G = 2, 2, 300, 16, 64
+    q, k, v = _qkv(B, H, H, N, D, D, torch.float32, gen)
+    scale = D ** -0.5
+    kb = None if kind is None else _key_bias(B, N, gen, kind)
+    ro, rlse = attn_ref.dense_attention_with_lse(q.double(), k.double(), v.double(), scale, kb)
+    num_groups = -(-N // G)
+    items = B * H * num_groups
+    n_split, part_rows, half = 5, 64, 192  # 5 key tiles of 64: halves [0, 192) and [192, 300)
+    first_split = items - n_split
+    anchor = rlse.double() + 0.5 * torch.randn(rlse.shape, generator=gen, dtype=torch.float64)
+    far = first_split + 1  # its anchor is 100 nats off: the summed normaliser underflows -> recomputed online
+    bh_far, g_far = divmod(far, num_groups)
+    anchor.view(B * H, N)[bh_far, g_far * G:(g_far + 1) * G] += 100.0
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    if kb is not None:
+        s = s + kb.double()[:, None, None, :]
+    p = torch.exp(s - anchor[..., None]).view(B * H, N, N)
+    part_o = torch.full((2 * n_split * part_rows, D), float("nan"))
+    part_l = torch.full((2 * n_split * part_rows,), float("nan"))
+    vv = v.double().reshape(B * H, N, D)
+    for j in range(n_split):
+        bh, g = divmod(first_split + j, num_groups)
+        rows = slice(g * G, min(N, (g + 1) * G))
+        n_rows = rows.stop - rows.start
+        for h_, keys in enumerate((slice(0, half), slice(half, N))):
+            r0 = (2 * j + h_) * part_rows
+            part_o[r0:r0 + n_rows] = (p[bh, rows, keys] @ vv[bh, keys]).float()
+            part_l[r0:r0 + n_rows] = p[bh, rows, keys].sum(-1).float()
+    o = ro.float().contiguous().clone()
+    lse = rlse.float().clone()
+    o_flat, lse_flat = o.view(B * H, N, D), lse.view(B * H, N)
+    for j in range(n_split):  # what the Gluon kernel leaves unwritten
+        bh, g = divmod(first_split + j, num_groups)
+        o_flat[bh, g * G:(g + 1) * G] = float("nan")
+        lse_flat[bh, g * G:(g + 1) * G] = float("nan")
+    redo = torch.zeros(items, dtype=torch.int32)
+    flagged = 2
+    redo[flagged] = 1
+    bh, g = divmod(flagged, num_groups)
+    o_flat[bh, g * G:(g + 1) * G] = float("nan")
+    lse_flat[bh, g * G:(g + 1) * G] = float("nan")
+    untouched = 3
+    bh, g = divmod(untouched, num_groups)
+    o_flat[bh, g * G:(g + 1) * G] += 1.0  # a stale value the launch must not rewrite
+    dense_tr.finish_gluon_dense_step(q, k, v, scale, anchor.float(), G, o, lse, redo, first_split, part_o, part_l,
+                                     part_rows, key_bias=kb)
+    expected = ro.float().clone()
+    expected.view(B * H, N, D)[bh, g * G:(g + 1) * G] += 1.0
+    _close(o, expected, torch.float32, "o")
+    _close(lse, rlse, torch.float32, "lse")
+
+
 def _key_bias(B, N, gen, kind):
     """Key-padding masks as the kernels take them: per sample a different number of trailing keys dropped
     (bool mask -> 0 / -inf), or an additive float bias."""
