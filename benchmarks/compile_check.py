@@ -79,11 +79,11 @@ def _variants():
                dict(PRECISION="tf32", FULL_T=True, EVEN_K=True, EVEN_D=True, HAS_OUT=True, BLOCK_T=128,
                     **config.kwargs),
                ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)
-    # Selection: one program per row, the row in registers (MLP rows of 12288 units, attention rows up to MAX_ROW).
-    for n, from_hbar in ((4096, False), (16384, True), (select_tr.MAX_ROW, False)):
-        yield (f"selection row {n} from_hbar={from_hbar}", select_tr._select_kernel,
+    # Selection: one program per row, streamed in chunks (scores given, or from the MLP's block means).
+    for from_hbar in (False, True):
+        yield (f"selection chunk {select_tr.CHUNK} from_hbar={from_hbar}", select_tr._select_kernel,
                dict(SCORES="*fp32", HBAR_NEW="*fp32", HBAR_CACHE="*fp32", NOISE="*fp32", OUT="*i64"),
-               dict(FROM_HBAR=from_hbar, PATHS=1, BLOCK=n), [], select_tr.num_warps_for(n), 1)
+               dict(FROM_HBAR=from_hbar, PATHS=1, CHUNK=select_tr.CHUNK), [], select_tr.NUM_WARPS, 1)
 
 
 def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stages, arch):

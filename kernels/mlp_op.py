@@ -50,9 +50,9 @@ def refresh_indices(xb, w_gate, b_gate, w_up, b_up, hbar_cache, indices, num_top
                     token_block: int, generator, kernels: str = "auto"):
     """A refresh step's selection, in place: indices [B, nb, K] <- the top ``num_top`` units by the change of
     their block-mean pre-activation plus ``num_random`` random ones; hbar_cache [B, nb, P*F] refreshed for them."""
-    hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, token_block)
+    hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, token_block, weight_dtype_out=True)
     select = implementation("mlp_refresh_selection", kernels, xb.device)
-    indices.copy_(select(hbar_new, hbar_cache, w_gate.shape[0], num_top, num_random, generator))
+    select(hbar_new, hbar_cache, w_gate.shape[0], num_top, num_random, generator, out=indices)
 
 
 def choose_plan(rt, flags) -> str:

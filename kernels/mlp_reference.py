@@ -41,28 +41,27 @@ def hidden_units(x, w_gate, b_gate, w_up, b_up, activation: str):
     return a
 
 
-def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int):
-    """Block means of the pre-activations, float32 [B, nb, F] or [B, nb, 2F] (gate then up)."""
+def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int, weight_dtype_out: bool = False):
+    """Block means of the pre-activations, float32 [B, nb, F] or [B, nb, 2F] (gate then up); in the weights'
+    dtype (the scoring GEMM's own output, one conversion less) with ``weight_dtype_out``."""
     cd = _compute_dtype(x)
     B, N, C = x.shape
     nb = -(-N // token_block)
     pad = nb * token_block - N
-    if pad:
-        sums = F.pad(x.to(cd), (0, 0, 0, pad)).reshape(B, nb, token_block, C).sum(dim=2)
-    else:  # accumulate in cd without a converted copy of x
-        sums = x.reshape(B, nb, token_block, C).sum(dim=2, dtype=cd)
     # Means in float32 (or 64); the nb-row scoring GEMM runs in the weights' dtype, so no converted copy of
     # the weights is made at every refresh. The ragged last block is rescaled with a Python scalar: writing a
     # host value into a device tensor would synchronise the stream at every call.
-    means = sums / token_block
     if pad:
+        means = F.pad(x.to(cd), (0, 0, 0, pad)).reshape(B, nb, token_block, C).mean(dim=2)
         means[:, -1] *= token_block / (token_block - pad)
+    else:  # accumulate in cd without a converted copy of x
+        means = x.reshape(B, nb, token_block, C).mean(dim=2, dtype=cd)
     means = means.to(w_gate.dtype)
     parts = [_linear(means, w_gate, b_gate)]
     if w_up is not None:
         parts.append(_linear(means, w_up, b_up))
-    out = torch.cat(parts, dim=-1)
-    return out if cd == torch.float64 else out.float()
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out if cd == torch.float64 or weight_dtype_out else out.float()
 
 
 def unit_scores(hbar_new, hbar_cache, num_units: int):
@@ -71,16 +70,17 @@ def unit_scores(hbar_new, hbar_cache, num_units: int):
     return delta.reshape(*delta.shape[:-1], -1, num_units).sum(dim=-2)
 
 
-def mlp_refresh_selection(hbar_new, hbar_cache, num_units: int, num_top: int, num_random: int, generator):
+def mlp_refresh_selection(hbar_new, hbar_cache, num_units: int, num_top: int, num_random: int, generator,
+                          out=None):
     """Indices [B, nb, K] of the units to recompute per token block (top ``num_top`` by ``unit_scores``, then
-    ``num_random`` at random); in place, each selected unit's reference hbar_cache[.., p*F + j] = hbar_new[..]
-    (unselected units keep their older reference)."""
-    selected = select_topk_with_random(unit_scores(hbar_new, hbar_cache, num_units), num_top, num_random, None,
-                                       generator)
+    ``num_random`` at random), into ``out`` when given; in place, each selected unit's reference
+    hbar_cache[.., p*F + j] = hbar_new[..] (unselected units keep their older reference)."""
+    selected = select_topk_with_random(unit_scores(hbar_new.float(), hbar_cache, num_units), num_top, num_random,
+                                       None, generator)
     paths = hbar_new.shape[-1] // num_units
     cols = torch.cat([selected + p * num_units for p in range(paths)], dim=-1)
     hbar_cache.scatter_(-1, cols, hbar_new.gather(-1, cols).to(hbar_cache.dtype))
-    return selected
+    return selected if out is None else out.copy_(selected)
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices,

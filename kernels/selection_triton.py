@@ -1,21 +1,22 @@
-"""Triton top-k selection with a random extra fraction: one program per score row, the row held in registers.
+"""Triton top-k selection with a random extra fraction: one program per score row, streamed in chunks.
 
 Same semantics as ``selection_reference.select_topk_with_random`` (the oracle) and, for the MLP, as
 ``mlp_reference.mlp_refresh_selection`` (scores from block-mean pre-activations, references refreshed).
 
     before (torch, ~6 launches per refresh)               after (one launch)
     s = |hbar_new - hbar_cache| summed over paths         per row r (a token block or a query group):
-    top = topk(s, k_top)        radix select, sorts         key  = order-preserving int of s (forced: max)
-    noise[top] = -1; topk(noise, k_rand)                    T    = k_top-th largest key: 32 counting steps
-    cat; hbar_cache.scatter_(hbar_new.gather(...))          take key > T, then the first ties == T (cumsum)
-                                                            same on the noise of the untaken entries
-                                                            store indices; hbar_cache[taken] = hbar_new[taken]
+    top = topk(s, k_top)        radix select, sorts         key  = order-preserving int32 of s (forced: max)
+    noise[top] = -1; topk(noise, k_rand)                    T1   = k_top-th largest key: radix select, one
+    cat; hbar_cache.scatter_(hbar_new.gather(...))                 256-bin histogram per key byte (4 passes)
+                                                            T2   = the same on the noise of the untaken entries
+                                                            last pass: take key > T1 and the first ties, then
+                                                            noise > T2 and its first ties; store the indices
+                                                            (running offsets); hbar_cache[taken] = hbar_new
 
-The k-th largest key is found by bisection on the 32-bit key space (count(key >= mid) >= k), one block-wide
-count per bit, so no sort and no second pass over memory. Ties at the threshold take the lowest indices
-(torch.topk may take any of them; the set differs only among exactly equal scores). Indices come out top
-entries first in increasing index order, then the random ones. Rows longer than ``MAX_ROW`` keep the torch
-path (``supports``); the interpreter runs this kernel too (CPU tests).
+Each pass streams the row in chunks of CHUNK entries (the row stays in L1/L2 between passes), so any row length
+works with a few registers per entry; no sort. Ties at a threshold take the lowest indices (torch.topk may take
+any of them; the set differs only among exactly equal values). Indices come out top entries first in increasing
+index order, then the random ones. The interpreter runs this kernel too (CPU tests).
 """
 from __future__ import annotations
 
@@ -26,92 +27,134 @@ import triton.language as tl
 from chipmunk_compile.kernels import mlp_reference
 from chipmunk_compile.kernels import selection_reference as reference
 
-MAX_ROW = 32768  # the whole row in registers: up to 64 values per thread at 16 warps
-
 
 @triton.jit
 def _order_key(s):
     """float32 -> int32 with the same order (NaN above +inf like torch.topk): sign-magnitude to two's complement.
-    The two ends, INT32_MAX and INT32_MIN, are NaN patterns; they are reserved for forced and absent entries."""
+    INT32_MAX is a NaN pattern; it marks forced entries."""
     bits = s.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
-def _kth_largest(key, k, lo, hi):
-    """Largest T in [lo, hi] with count(key >= T) >= k, given count(key >= lo) >= k (int64 scalars bounding the
-    int32 keys: the midpoints never overflow)."""
-    for _ in range(32):
-        mid = lo + ((hi - lo + 1) >> 1)
-        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    return lo
+def _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start, forced_lo, forced_hi, num_random,
+           FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, CHUNK: tl.constexpr):
+    """(positions, in-row mask, score keys, noise keys) of one chunk of a row, recomputed by every pass."""
+    offs = start + tl.arange(0, CHUNK)
+    valid = offs < n
+    if FROM_HBAR:
+        # MLP scores: |hbar_new - hbar_cache| summed over the gate (and up) paths of each unit.
+        s = tl.zeros([CHUNK], tl.float32)
+        for p in tl.static_range(PATHS):
+            new = tl.load(HBAR_NEW + (row * PATHS + p) * n + offs, mask=valid, other=0.0).to(tl.float32)
+            old = tl.load(HBAR_CACHE + (row * PATHS + p) * n + offs, mask=valid, other=0.0)
+            s += tl.abs(new - old)
+    else:
+        s = tl.load(SCORES + row * n + offs, mask=valid, other=0.0).to(tl.float32)
+    key = tl.where((offs >= forced_lo) & (offs < forced_hi), 0x7FFFFFFF, _order_key(s))  # forced: the top key
+    # Uniform noise in [0, 1) ranks the untaken entries; one draw per row of a sample, shared by the batch.
+    noise = tl.load(NOISE + noise_row * n + offs, mask=valid & (num_random > 0), other=0.0)
+    return offs, valid, key, noise.to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _take_top(key, k, lo, hi):
-    """Mask of the k largest keys (ties at the threshold: lowest positions first)."""
-    t = _kth_largest(key, k, lo, hi)
-    above = key > t
-    tie = key == t
-    room = k - tl.sum(above.to(tl.int32), 0)
-    return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
+def _radix_step(hist, need, prefix):
+    """From a 256-bin histogram of the next byte of the candidates: the highest byte value with at least
+    ``need`` candidates at or above it; returns (prefix extended by it, candidates still needed at that byte)."""
+    bins = tl.arange(0, 256)
+    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    byte = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
+    return (prefix << 8) | byte, need - tl.sum(tl.where(bins > byte, hist, 0), 0)
+
+
+@triton.jit
+def _byte_of(key, p: tl.constexpr):
+    return ((key ^ (-0x7FFFFFFF - 1)) >> (24 - 8 * p)) & 255  # sign bit flipped: unsigned order
+
+
+@triton.jit
+def _prefix_matches(key, prefix, p: tl.constexpr):
+    """The bytes above byte p of the (sign-flipped) key equal prefix."""
+    return ((key ^ (-0x7FFFFFFF - 1)) >> (32 - 8 * p) & ((1 << (8 * p)) - 1)) == prefix
 
 
 @triton.jit
 def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample, num_top, num_random,
-                   forced_lo, forced_hi, FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, BLOCK: tl.constexpr):
+                   forced_lo, forced_hi, FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, CHUNK: tl.constexpr):
+    # Streams the row in chunks (reloaded from L1/L2 by each pass): 4 radix passes find the num_top-th largest
+    # score key T1 (and how many keys equal to T1 to take), 4 more the num_random-th largest noise key T2 among
+    # the rest, and a last pass stores the indices (running offsets across chunks) and refreshes hbar_cache.
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    valid = offs < n
-    if FROM_HBAR:
-        # MLP scores: |hbar_new - hbar_cache| summed over the gate (and up) paths of each unit.
-        base = row * n * PATHS
-        s = tl.zeros([BLOCK], tl.float32)
-        for p in tl.static_range(PATHS):
-            new = tl.load(HBAR_NEW + base + p * n + offs, mask=valid, other=0.0)
-            old = tl.load(HBAR_CACHE + base + p * n + offs, mask=valid, other=0.0)
-            s += tl.abs(new - old)
-    else:
-        s = tl.load(SCORES + row * n + offs, mask=valid, other=0.0).to(tl.float32)
-    key = _order_key(s)
-    key = tl.where((offs >= forced_lo) & (offs < forced_hi), 0x7FFFFFFF, key)  # forced: the top key
-    key = tl.where(valid, key, -0x7FFFFFFF - 1)  # past the row: the bottom key, below the search range
-    lo = tl.full([], -0x7FFFFFFF, tl.int64)
-    taken = _take_top(key, num_top, lo, tl.full([], 0x7FFFFFFF, tl.int64)) & valid
-    out_row = OUT + row * (num_top + num_random)
-    tl.store(out_row + tl.cumsum(taken.to(tl.int32), 0) - 1, offs, mask=taken)
+    noise_row = row % rows_per_sample
+    t1 = tl.full([], 0, tl.int32)
+    room1 = num_top
+    for p in tl.static_range(4):
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, n, CHUNK):
+            offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
+                                             forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK)
+            match = valid if p == 0 else valid & _prefix_matches(key, t1, p)
+            hist += tl.histogram(_byte_of(key, p), 256, mask=match)
+        t1, room1 = _radix_step(hist, room1, t1)
+    t1 = t1 ^ (-0x7FFFFFFF - 1)
+    t2 = tl.full([], 0, tl.int32)
+    room2 = num_random
     if num_random > 0:
-        # Uniform noise in [0, 1) ranks the untaken entries; one draw per row of a sample, shared by the batch.
-        noise = tl.load(NOISE + (row % rows_per_sample) * n + offs, mask=valid, other=0.0)
-        key2 = tl.where(taken | (offs >= n), -1, noise.to(tl.int32, bitcast=True))
-        extra = _take_top(key2, num_random, tl.full([], 0, tl.int64), tl.full([], 0x7FFFFFFF, tl.int64))
-        extra = extra & valid & (key2 >= 0)
-        tl.store(out_row + num_top + tl.cumsum(extra.to(tl.int32), 0) - 1, offs, mask=extra)
-        taken = taken | extra
-    if FROM_HBAR:
-        # Each selected unit's reference becomes its value now; unselected units keep their older reference.
-        for p in tl.static_range(PATHS):
-            new = tl.load(HBAR_NEW + base + p * n + offs, mask=taken, other=0.0)
-            tl.store(HBAR_CACHE + base + p * n + offs, new, mask=taken)
+        for p in tl.static_range(4):
+            hist = tl.zeros([256], tl.int32)
+            ties_before = 0
+            for start in range(0, n, CHUNK):
+                offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
+                                                 forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK)
+                tie = valid & (key == t1)
+                rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)
+                ties_before += tl.sum(tie.to(tl.int32), 0)
+                open_ = valid & (key < t1) | (tie & (rank > room1))  # not taken by the top part
+                match = open_ if p == 0 else open_ & _prefix_matches(noise, t2, p)
+                hist += tl.histogram(_byte_of(noise, p), 256, mask=match)
+            t2, room2 = _radix_step(hist, room2, t2)
+        t2 = t2 ^ (-0x7FFFFFFF - 1)
+    out_row = OUT + row * (num_top + num_random)
+    ties1 = 0
+    ties2 = 0
+    n_top = 0
+    n_extra = 0
+    for start in range(0, n, CHUNK):
+        offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
+                                         forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK)
+        tie = valid & (key == t1)
+        top = valid & (key > t1) | (tie & (ties1 + tl.cumsum(tie.to(tl.int32), 0) <= room1))
+        ties1 += tl.sum(tie.to(tl.int32), 0)
+        top_count = tl.cumsum(top.to(tl.int32), 0)
+        tl.store(out_row + n_top + top_count - 1, offs, mask=top)
+        n_top += tl.sum(top.to(tl.int32), 0)
+        taken = top
+        if num_random > 0:
+            open_ = valid & ~top
+            tie2 = open_ & (noise == t2)
+            extra = open_ & (noise > t2) | (tie2 & (ties2 + tl.cumsum(tie2.to(tl.int32), 0) <= room2))
+            ties2 += tl.sum(tie2.to(tl.int32), 0)
+            tl.store(out_row + num_top + n_extra + tl.cumsum(extra.to(tl.int32), 0) - 1, offs, mask=extra)
+            n_extra += tl.sum(extra.to(tl.int32), 0)
+            taken = top | extra
+        if FROM_HBAR:
+            # Each selected unit's reference becomes its value now; unselected units keep their older one.
+            for p in tl.static_range(PATHS):
+                new = tl.load(HBAR_NEW + (row * PATHS + p) * n + offs, mask=taken, other=0.0)
+                tl.store(HBAR_CACHE + (row * PATHS + p) * n + offs, new.to(HBAR_CACHE.dtype.element_ty), mask=taken)
 
 
-def supports(n: int) -> str | None:
-    return None if n <= MAX_ROW else f"rows longer than {MAX_ROW} entries"
-
-
-def num_warps_for(block: int) -> int:
-    return max(4, min(16, block // 1024))
+CHUNK = 2048
+NUM_WARPS = 8
 
 
 def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, num_top, num_random, forced,
             paths):
-    block = max(16, triton.next_power_of_2(n))
     lo, hi = forced if forced is not None else (0, 0)
+    chunk = min(CHUNK, max(128, triton.next_power_of_2(n)))
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
-                            lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, BLOCK=block,
-                            num_warps=num_warps_for(block))
+                            lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, CHUNK=chunk,
+                            num_warps=NUM_WARPS if chunk >= 1024 else 4)
 
 
 def _noise(shape, device, generator, num_random):
@@ -126,7 +169,7 @@ def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
     n = scores.shape[-1]
     num_forced = 0 if forced is None else forced[1] - forced[0]
     k_total = reference.selection_size(n, num_top, num_random, num_forced)
-    if k_total == n or supports(n) is not None:
+    if k_total == n:
         return reference.select_topk_with_random(scores, num_top, num_random, forced, generator)
     num_top_total = min(n, num_forced + num_top)
     scores = scores.contiguous()
@@ -139,14 +182,18 @@ def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
 
 
 def mlp_refresh_selection(hbar_new: torch.Tensor, hbar_cache: torch.Tensor, num_units: int, num_top: int,
-                          num_random: int, generator: torch.Generator | None):
+                          num_random: int, generator: torch.Generator | None, out: torch.Tensor | None = None):
     n = num_units
     k_total = reference.selection_size(n, num_top, num_random, 0)
-    if k_total == n or supports(n) is not None or not hbar_cache.is_contiguous():
-        return mlp_reference.mlp_refresh_selection(hbar_new, hbar_cache, num_units, num_top, num_random, generator)
-    hbar_new = hbar_new.float().contiguous()
+    shape = (*hbar_new.shape[:-1], k_total)
+    if (k_total == n or not hbar_cache.is_contiguous()
+            or (out is not None and (out.dtype != torch.int64 or not out.is_contiguous() or out.shape != shape))):
+        return mlp_reference.mlp_refresh_selection(hbar_new, hbar_cache, num_units, num_top, num_random, generator,
+                                                   out)
+    hbar_new = hbar_new.contiguous()  # any float dtype: the kernel reads it as float32
     noise = _noise((*hbar_new.shape[1:-1], n), hbar_new.device, generator, k_total - min(n, num_top))
-    out = torch.empty((*hbar_new.shape[:-1], k_total), dtype=torch.int64, device=hbar_new.device)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.int64, device=hbar_new.device)
     rows = hbar_new.numel() // hbar_new.shape[-1]
     _launch(rows, n, hbar_new, hbar_new, hbar_cache, noise, out, max(1, noise.numel() // n), min(n, num_top),
             k_total - min(n, num_top), None, hbar_new.shape[-1] // n)

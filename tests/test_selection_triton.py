@@ -58,26 +58,43 @@ def test_select_ties_infinities_and_masked_keys():
     assert len(set(got[0].tolist())) == 8 and 4 not in got[0, :3].tolist()
 
 
-def test_select_all_and_too_long_rows_use_reference():
+def test_select_all_units_and_rows_over_many_chunks(monkeypatch):
     scores = torch.rand(1, 2, 40)
     got = sel_tr.select_topk_with_random(scores, 30, 10, None, torch.Generator().manual_seed(0))
     assert _sets(got) == [set(range(40))] * 2
-    assert sel_tr.supports(sel_tr.MAX_ROW + 1) is not None and sel_tr.supports(sel_tr.MAX_ROW) is None
+    # Rows streamed in 9 chunks of 128 with ties spread over all of them: exactly k distinct indices, all at or
+    # above the threshold, the lowest-index ties first.
+    monkeypatch.setattr(sel_tr, "CHUNK", 128)
+    scores = (torch.arange(1100) % 7).float().reshape(1, 1, 1100)  # 157 or 158 entries per value 0..6
+    got = sel_tr.select_topk_with_random(scores, 200, 50, None, torch.Generator().manual_seed(1))
+    top, extra = got[0, 0, :200].tolist(), got[0, 0, 200:].tolist()
+    sixes = [i for i in range(1100) if i % 7 == 6]
+    fives = [i for i in range(1100) if i % 7 == 5]
+    assert sorted(top) == sorted(sixes + fives[:200 - len(sixes)])
+    assert len(set(top + extra)) == 250
+    gen = torch.Generator().manual_seed(5)
+    scores = _distinct_scores((2, 3, 1000), gen, negative=True)
+    got = sel_tr.select_topk_with_random(scores, 100, 40, (990, 1000), torch.Generator().manual_seed(2))
+    want = sel_ref.select_topk_with_random(scores, 100, 40, (990, 1000), torch.Generator().manual_seed(2))
+    assert _sets(got) == _sets(want)
 
 
-@pytest.mark.parametrize("paths", [1, 2])
-def test_mlp_refresh_matches_reference(paths):
+@pytest.mark.parametrize("paths,dtype", [(1, torch.float32), (2, torch.float32), (1, torch.float16)])
+def test_mlp_refresh_matches_reference(paths, dtype):
+    """hbar_new comes in the scoring GEMM's dtype (fp16 here; bf16 on the GPU), the references are float32."""
     gen = torch.Generator().manual_seed(7)
     B, nb, F, num_top, num_random = 2, 3, 200, 40, 12
-    hbar_new = torch.randn(B, nb, paths * F, generator=gen)
+    hbar_new = torch.randn(B, nb, paths * F, generator=gen).to(dtype)
     # Distinct scores: the change of each unit is a permutation of distinct magnitudes on path 0.
-    cache = hbar_new.clone()
+    cache = hbar_new.float().clone()
     cache[..., :F] -= _distinct_scores((B, nb, F), gen)
     cache_tr, cache_ref = cache.clone(), cache.clone()
-    got = sel_tr.mlp_refresh_selection(hbar_new, cache_tr, F, num_top, num_random, torch.Generator().manual_seed(3))
+    out = torch.full((B, nb, num_top + num_random), -1, dtype=torch.int64)
+    got = sel_tr.mlp_refresh_selection(hbar_new, cache_tr, F, num_top, num_random, torch.Generator().manual_seed(3),
+                                       out=out)
     want = mlp_ref.mlp_refresh_selection(hbar_new, cache_ref, F, num_top, num_random,
                                          torch.Generator().manual_seed(3))
-    assert _sets(got) == _sets(want)
+    assert got is out and _sets(got) == _sets(want)
     assert torch.equal(cache_tr, cache_ref)  # refreshed exactly the selected units, on every path
     assert not torch.equal(cache_tr, cache)
 
