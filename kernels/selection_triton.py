@@ -38,8 +38,9 @@ def _order_key(s):
 
 @triton.jit
 def _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start, forced_lo, forced_hi, num_random,
-           FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, CHUNK: tl.constexpr):
-    """(positions, in-row mask, score keys, noise keys) of one chunk of a row, recomputed by every pass."""
+           FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, CHUNK: tl.constexpr, WITH_NOISE: tl.constexpr):
+    """(positions, in-row mask, score keys, noise keys or zeros) of one chunk of a row, recomputed by every
+    pass (WITH_NOISE: also read the noise, which the passes over the scores do not need)."""
     offs = start + tl.arange(0, CHUNK)
     valid = offs < n
     if FROM_HBAR:
@@ -53,7 +54,7 @@ def _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start, forced
         s = tl.load(SCORES + row * n + offs, mask=valid, other=0.0).to(tl.float32)
     key = tl.where((offs >= forced_lo) & (offs < forced_hi), 0x7FFFFFFF, _order_key(s))  # forced: the top key
     # Uniform noise in [0, 1) ranks the untaken entries; one draw per row of a sample, shared by the batch.
-    noise = tl.load(NOISE + noise_row * n + offs, mask=valid & (num_random > 0), other=0.0)
+    noise = tl.load(NOISE + noise_row * n + offs, mask=valid & (num_random > 0) & WITH_NOISE, other=0.0)
     return offs, valid, key, noise.to(tl.int32, bitcast=True)
 
 
@@ -92,7 +93,7 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
         hist = tl.zeros([256], tl.int32)
         for start in range(0, n, CHUNK):
             offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
-                                             forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK)
+                                             forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK, False)
             match = valid if p == 0 else valid & _prefix_matches(key, t1, p)
             hist += tl.histogram(_byte_of(key, p), 256, mask=match)
         t1, room1 = _radix_step(hist, room1, t1)
@@ -105,7 +106,8 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
             ties_before = 0
             for start in range(0, n, CHUNK):
                 offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
-                                                 forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK)
+                                                 forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK,
+                                                 True)
                 tie = valid & (key == t1)
                 rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)
                 ties_before += tl.sum(tie.to(tl.int32), 0)
@@ -121,7 +123,7 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
     n_extra = 0
     for start in range(0, n, CHUNK):
         offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
-                                         forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK)
+                                         forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK, True)
         tie = valid & (key == t1)
         top = valid & (key > t1) | (tie & (ties1 + tl.cumsum(tie.to(tl.int32), 0) <= room1))
         ties1 += tl.sum(tie.to(tl.int32), 0)
@@ -144,8 +146,14 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                 tl.store(HBAR_CACHE + (row * PATHS + p) * n + offs, new.to(HBAR_CACHE.dtype.element_ty), mask=taken)
 
 
-CHUNK = 2048
-NUM_WARPS = 8
+# Rows are few (one per token block or query group) and each pass is a chain of dependent block-wide steps, so
+# a row's latency sets the time: wide chunks (16 entries per thread at 16 warps) keep the passes short.
+CHUNK = 8192
+NUM_WARPS = 16
+# Measured on H100 (benchmarks/kernels.py, attention_selection): for rows up to 4608 entries this kernel beats
+# the torch path; for 16896 and 118800 the 9 passes over the row (and its equally long noise row) from HBM
+# lose to torch.topk's, so longer rows of the generic selection keep the torch path.
+MAX_TRITON_ROW = 8192
 
 
 def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, num_top, num_random, forced,
@@ -154,7 +162,7 @@ def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, 
     chunk = min(CHUNK, max(128, triton.next_power_of_2(n)))
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
                             lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, CHUNK=chunk,
-                            num_warps=NUM_WARPS if chunk >= 1024 else 4)
+                            num_warps=max(4, min(NUM_WARPS, chunk // 512)))
 
 
 def _noise(shape, device, generator, num_random):
@@ -169,7 +177,7 @@ def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
     n = scores.shape[-1]
     num_forced = 0 if forced is None else forced[1] - forced[0]
     k_total = reference.selection_size(n, num_top, num_random, num_forced)
-    if k_total == n:
+    if k_total == n or n > MAX_TRITON_ROW:
         return reference.select_topk_with_random(scores, num_top, num_random, forced, generator)
     num_top_total = min(n, num_forced + num_top)
     scores = scores.contiguous()
