@@ -271,6 +271,11 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         total = ms(step, quick)
         select_ms = ms(lambda: select(k), quick)
         select_torch_ms = ms(lambda: select(k, "torch"), quick)
+        # The selection kernel alone, on the scoring GEMM's output.
+        hbar_new = mlp_ref.block_mean_preactivation(x, w1, b1, None, None, TOKEN_BLOCK, weight_dtype_out=True)
+        n_rand = min(k, -(-Fh // 20))
+        select_kernel_ms = ms(lambda: select_tr.mlp_refresh_selection(hbar_new, hbar_cache, Fh, k - n_rand, n_rand,
+                                                                      gen), quick)
         kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
                                                          y_cache, TOKEN_BLOCK), quick)
         # mm2 alone on mm1's packed deltas.
@@ -279,7 +284,8 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         mm2_ms = ms(lambda: mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache, y_cache,
                                            TOKEN_BLOCK, None, run_mm1=False, delta=delta), quick)
         record("mlp", f"N{N} {C}-{Fh}-{C} gelu_tanh", sp, dense_ms, total, dense_ms * k / Fh, units=k,
-               selection_ms=select_ms, selection_torch_ms=select_torch_ms, kernels_ms=kernels_ms,
+               selection_ms=select_ms, selection_torch_ms=select_torch_ms, selection_kernel_ms=select_kernel_ms,
+               kernels_ms=kernels_ms,
                selection_share=select_ms / total,
                mm2_ms=mm2_ms,
                speedup_kernels_only=dense_ms / kernels_ms,

@@ -146,13 +146,13 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                 tl.store(HBAR_CACHE + (row * PATHS + p) * n + offs, new.to(HBAR_CACHE.dtype.element_ty), mask=taken)
 
 
-# Rows are few (one per token block or query group) and each pass is a chain of dependent block-wide steps, so
-# a row's latency sets the time: wide chunks (16 entries per thread at 16 warps) keep the passes short.
-CHUNK = 8192
-NUM_WARPS = 16
-# Measured on H100 (benchmarks/kernels.py, attention_selection): for rows up to 4608 entries this kernel beats
-# the torch path; for 16896 and 118800 the 9 passes over the row (and its equally long noise row) from HBM
-# lose to torch.topk's, so longer rows of the generic selection keep the torch path.
+# Measured on H100 (benchmarks/results/kernels_*): 2048-entry chunks at 8 warps beat 8192 at 16 warps (MLP
+# refresh 0.20-0.24 vs 0.22-0.26 ms, attention N4608 0.24 vs 0.38 ms).
+CHUNK = 2048
+NUM_WARPS = 8
+# Same runs: up to 4608 entries per row this kernel beats the torch path (0.24 vs 0.28 ms); at 16896 and 118800
+# its 9 passes over the row from HBM lose to torch.topk (2.07 vs 1.48 ms, 112 vs 55 ms), so longer rows of the
+# generic selection keep the torch path.
 MAX_TRITON_ROW = 8192
 
 
@@ -162,7 +162,7 @@ def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, 
     chunk = min(CHUNK, max(128, triton.next_power_of_2(n)))
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
                             lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, CHUNK=chunk,
-                            num_warps=max(4, min(NUM_WARPS, chunk // 512)))
+                            num_warps=max(4, min(NUM_WARPS, chunk // 256)))
 
 
 def _noise(shape, device, generator, num_random):
