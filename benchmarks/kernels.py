@@ -229,7 +229,7 @@ def bench_dense_step(N, quick, H=24, D=128):
     select_ms = ms(lambda: select_tr.select_topk_with_random(cs, n_sel - n_rand, n_rand, None, gen), quick)
     torch_ms = ms(lambda: select_ref.select_topk_with_random(cs, n_sel - n_rand, n_rand, None, gen), quick)
     record("attention_selection", shape, 0.93, fused, select_ms, share_of_dense_step=select_ms / fused,
-           kernel="triton", torch_ms=torch_ms,
+           kernel="triton" if N <= select_tr.MAX_TRITON_ROW else "torch", torch_ms=torch_ms,
            speedup_vs_torch=torch_ms / select_ms)
 
 
