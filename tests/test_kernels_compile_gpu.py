@@ -23,5 +23,5 @@ def test_every_kernel_variant_compiles_for_sm90():
     compiled = [line for line in run.stdout.splitlines() if line.startswith("ok ")]
     kinds = {line.split()[1] for line in compiled}
     assert kinds == {"sparse_attention", "sparse_attention_ws", "dense_attention", "dense_attention_ws", "mlp_mm1",
-                     "mlp_mm2", "mlp_mm2_ws"}, run.stdout
+                     "mlp_mm2", "mlp_mm2_ws", "selection"}, run.stdout
     assert len(compiled) >= 20, run.stdout
