@@ -355,14 +355,15 @@ def _kernel_meta(q, v, has_cs: bool, kb) -> dict:
 
 
 def finish_gluon_dense_step(q, k, v, scale: float, lse_prev, group_size: int, o, lse, redo, first_split: int,
-                            part_o, part_l, part_rows: int, key_bias=None):
+                            part_o, part_l, part_rows: int, key_bias_scaled=None, key_bias_stride: int = 0):
     """The launch behind the Gluon column-mass kernel (its outputs o, lse, redo and split partials as
     ``attention_dense_gluon.dense_colmass_ws`` returns them): adds the halves of the groups it split (work items
     g + G * (b * H + h) from ``first_split`` on) and recomputes with the online softmax the O and LSE of every
-    group flagged in ``redo`` or whose summed normaliser is out of range; the column mass is already complete."""
+    group flagged in ``redo`` or whose summed normaliser is out of range; the column mass is already complete.
+    The key bias comes as ``scaled_key_bias`` returns it."""
     B, H, Nq, _ = q.shape
-    kb, kb_stride = scaled_key_bias(key_bias, B, k.shape[2], scale)
-    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, lse, kb, kb_stride, group_size)
+    kb = key_bias_scaled
+    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, lse, kb, key_bias_stride, group_size)
     _dense_attn[(triton.cdiv(Nq, 64), B * H)](*args, redo, part_o, part_l, first_split, part_rows,
                                               **dict(_kernel_meta(q, v, False, kb), HAS_REDO=True), **_REDO_CONFIG)
 
@@ -412,7 +413,7 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
         redo = torch.zeros(B * H * num_groups, dtype=torch.int32, device=q.device)
         split = ws.dense_colmass_ws(q, k, v, scale, lse_prev, group_size, o, lse, cs, redo, kb, kb_stride,
                                     config=ws_config)
-        finish_gluon_dense_step(q, k, v, scale, lse_prev, group_size, o, lse, redo, *split, key_bias=key_bias)
+        finish_gluon_dense_step(q, k, v, scale, lse_prev, group_size, o, lse, redo, *split, kb, kb_stride)
         return o, lse, cs
     args = _kernel_args(q, k, v, scale, o, lse, lse_prev, cs, kb, kb_stride, group_size) + (lse, lse, lse, 0, 0)
     meta = _kernel_meta(q, v, has_cs, kb)

@@ -237,7 +237,7 @@ def test_split_groups_halves_added_and_flagged_groups_redone(kind):
     bh, g = divmod(untouched, num_groups)
     o_flat[bh, g * G:(g + 1) * G] += 1.0  # a stale value the launch must not rewrite
     dense_tr.finish_gluon_dense_step(q, k, v, scale, anchor.float(), G, o, lse, redo, first_split, part_o, part_l,
-                                     part_rows, key_bias=kb)
+                                     part_rows, *dense_tr.scaled_key_bias(kb, B, N, scale))
     expected = ro.float().clone()
     expected.view(B * H, N, D)[bh, g * G:(g + 1) * G] += 1.0
     _close(o, expected, torch.float32, "o")
