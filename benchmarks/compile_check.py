@@ -80,10 +80,10 @@ def _variants():
                     **config.kwargs),
                ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)
     # Selection: one program per row, streamed in chunks (scores given, or from the MLP's block means).
-    for from_hbar in (False, True):
-        yield (f"selection chunk {select_tr.CHUNK} from_hbar={from_hbar}", select_tr._select_kernel,
-               dict(SCORES="*fp32", HBAR_NEW="*fp32", HBAR_CACHE="*fp32", NOISE="*fp32", OUT="*i64"),
-               dict(FROM_HBAR=from_hbar, PATHS=1, CHUNK=select_tr.CHUNK), [], select_tr.NUM_WARPS, 1)
+    for from_hbar, chunk, warps in ((False, 1024, 4), (True, 4096, 8), (False, 4096, 8)):
+        yield (f"selection chunk {chunk} from_hbar={from_hbar}", select_tr._select_kernel,
+               dict(SCORES="*fp32", HBAR_NEW="*bf16", HBAR_CACHE="*fp32", NOISE="*fp32", OUT="*i64"),
+               dict(FROM_HBAR=from_hbar, PATHS=1, CHUNK=chunk), [], warps, 1)
 
 
 def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stages, arch):

@@ -20,6 +20,8 @@ index order, then the random ones. The interpreter runs this kernel too (CPU tes
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -61,11 +63,13 @@ def _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start, forced
 @triton.jit
 def _radix_step(hist, need, prefix):
     """From a 256-bin histogram of the next byte of the candidates: the highest byte value with at least
-    ``need`` candidates at or above it; returns (prefix extended by it, candidates still needed at that byte)."""
+    ``need`` candidates at or above it; returns (prefix extended by it, candidates still needed at that byte,
+    candidates at that byte)."""
     bins = tl.arange(0, 256)
     at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
     byte = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
-    return (prefix << 8) | byte, need - tl.sum(tl.where(bins > byte, hist, 0), 0)
+    return ((prefix << 8) | byte, need - tl.sum(tl.where(bins > byte, hist, 0), 0),
+            tl.sum(tl.where(bins == byte, hist, 0), 0))
 
 
 @triton.jit
@@ -89,6 +93,7 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
     noise_row = row % rows_per_sample
     t1 = tl.full([], 0, tl.int32)
     room1 = num_top
+    ties_at_t1 = num_top
     for p in tl.static_range(4):
         hist = tl.zeros([256], tl.int32)
         for start in range(0, n, CHUNK):
@@ -96,10 +101,14 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                                              forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK, False)
             match = valid if p == 0 else valid & _prefix_matches(key, t1, p)
             hist += tl.histogram(_byte_of(key, p), 256, mask=match)
-        t1, room1 = _radix_step(hist, room1, t1)
+        t1, room1, ties_at_t1 = _radix_step(hist, room1, t1)
     t1 = t1 ^ (-0x7FFFFFFF - 1)
+    # Usually every key equal to a threshold is taken (continuous scores: one key per value); then "taken" is a
+    # plain comparison and the tie ranks (a block-wide scan per chunk) are skipped.
+    all_t1 = ties_at_t1 == room1
     t2 = tl.full([], 0, tl.int32)
     room2 = num_random
+    ties_at_t2 = num_random
     if num_random > 0:
         for p in tl.static_range(4):
             hist = tl.zeros([256], tl.int32)
@@ -108,14 +117,18 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                 offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
                                                  forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK,
                                                  True)
-                tie = valid & (key == t1)
-                rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)
-                ties_before += tl.sum(tie.to(tl.int32), 0)
-                open_ = valid & (key < t1) | (tie & (rank > room1))  # not taken by the top part
+                if all_t1:
+                    open_ = valid & (key < t1)  # not taken by the top part
+                else:
+                    tie = valid & (key == t1)
+                    rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)
+                    ties_before += tl.sum(tie.to(tl.int32), 0)
+                    open_ = valid & (key < t1) | (tie & (rank > room1))
                 match = open_ if p == 0 else open_ & _prefix_matches(noise, t2, p)
                 hist += tl.histogram(_byte_of(noise, p), 256, mask=match)
-            t2, room2 = _radix_step(hist, room2, t2)
+            t2, room2, ties_at_t2 = _radix_step(hist, room2, t2)
         t2 = t2 ^ (-0x7FFFFFFF - 1)
+    all_t2 = ties_at_t2 == room2
     out_row = OUT + row * (num_top + num_random)
     ties1 = 0
     ties2 = 0
@@ -124,18 +137,24 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
     for start in range(0, n, CHUNK):
         offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
                                          forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK, True)
-        tie = valid & (key == t1)
-        top = valid & (key > t1) | (tie & (ties1 + tl.cumsum(tie.to(tl.int32), 0) <= room1))
-        ties1 += tl.sum(tie.to(tl.int32), 0)
+        if all_t1:
+            top = valid & (key >= t1)
+        else:
+            tie = valid & (key == t1)
+            top = valid & (key > t1) | (tie & (ties1 + tl.cumsum(tie.to(tl.int32), 0) <= room1))
+            ties1 += tl.sum(tie.to(tl.int32), 0)
         top_count = tl.cumsum(top.to(tl.int32), 0)
         tl.store(out_row + n_top + top_count - 1, offs, mask=top)
         n_top += tl.sum(top.to(tl.int32), 0)
         taken = top
         if num_random > 0:
             open_ = valid & ~top
-            tie2 = open_ & (noise == t2)
-            extra = open_ & (noise > t2) | (tie2 & (ties2 + tl.cumsum(tie2.to(tl.int32), 0) <= room2))
-            ties2 += tl.sum(tie2.to(tl.int32), 0)
+            if all_t2:
+                extra = open_ & (noise >= t2)
+            else:
+                tie2 = open_ & (noise == t2)
+                extra = open_ & (noise > t2) | (tie2 & (ties2 + tl.cumsum(tie2.to(tl.int32), 0) <= room2))
+                ties2 += tl.sum(tie2.to(tl.int32), 0)
             tl.store(out_row + num_top + n_extra + tl.cumsum(extra.to(tl.int32), 0) - 1, offs, mask=extra)
             n_extra += tl.sum(extra.to(tl.int32), 0)
             taken = top | extra
@@ -146,23 +165,39 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                 tl.store(HBAR_CACHE + (row * PATHS + p) * n + offs, new.to(HBAR_CACHE.dtype.element_ty), mask=taken)
 
 
-# Measured on H100 (benchmarks/results/kernels_*): 2048-entry chunks at 8 warps beat 8192 at 16 warps (MLP
-# refresh 0.20-0.24 vs 0.22-0.26 ms, attention N4608 0.24 vs 0.38 ms).
-CHUNK = 2048
-NUM_WARPS = 8
-# Same runs: up to 4608 entries per row this kernel beats the torch path (0.24 vs 0.28 ms); at 16896 and 118800
-# its 9 passes over the row from HBM lose to torch.topk (2.07 vs 1.48 ms, 112 vs 55 ms), so longer rows of the
-# generic selection keep the torch path.
+# Chunk per pass iteration (tests force small ones). Measured on H100 (benchmarks/selection_micro.py): tl.histogram
+# is most of a pass (~1.2 us per 2048 entries per program, however the bytes spread), so few long rows (an MLP
+# refresh: 36-132 rows of 12288) run fastest in 4096-entry chunks at 8 warps, while many rows (attention N4608:
+# 576 rows of 4608) prefer 1024 at 4 warps, where several programs share an SM.
+CHUNK = None
+# kernels.py runs: up to 4608 entries per row this kernel beats the torch path (0.24 vs 0.28-0.41 ms); at 16896
+# and 118800 its 9 passes over the row from HBM lose to torch.topk (2.07 vs 1.48 ms, 112 vs 55 ms), so longer
+# rows of the generic selection keep the torch path.
 MAX_TRITON_ROW = 8192
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _chunk_size(rows: int, n: int, device: torch.device) -> int:
+    if CHUNK is not None:
+        chunk = CHUNK
+    elif device.type == "cuda" and rows <= 2 * _sm_count(device.index or 0):
+        chunk = 4096
+    else:
+        chunk = 1024
+    return min(chunk, max(128, triton.next_power_of_2(n)))
 
 
 def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, num_top, num_random, forced,
             paths):
     lo, hi = forced if forced is not None else (0, 0)
-    chunk = min(CHUNK, max(128, triton.next_power_of_2(n)))
+    chunk = _chunk_size(rows, n, scores.device)
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
                             lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, CHUNK=chunk,
-                            num_warps=max(4, min(NUM_WARPS, chunk // 256)))
+                            num_warps=max(4, min(8, chunk // 512)))
 
 
 def _noise(shape, device, generator, num_random):

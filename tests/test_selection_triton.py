@@ -102,3 +102,19 @@ def test_mlp_refresh_matches_reference(paths, dtype):
 def test_dispatch_picks_triton_selection_under_interpreter():
     assert implementation("select_topk_with_random", "triton", torch.device("cpu")) is sel_tr.select_topk_with_random
     assert implementation("mlp_refresh_selection", "torch", torch.device("cpu")) is mlp_ref.mlp_refresh_selection
+
+
+def test_ties_in_the_random_draw(monkeypatch):
+    """Noise with many equal values (the random part's threshold falls inside a tie): still exactly num_random
+    distinct extra indices, none of them among the top ones."""
+    monkeypatch.setattr(sel_tr, "_noise", lambda shape, device, generator, num_random:
+                        (torch.arange(shape[-1]) % 3).float().div(4).expand(shape).contiguous())
+    monkeypatch.setattr(sel_tr, "CHUNK", 128)
+    gen = torch.Generator().manual_seed(9)
+    scores = _distinct_scores((1, 2, 500), gen)
+    got = sel_tr.select_topk_with_random(scores, 50, 120, None, None)
+    want_top = sel_ref.select_topk_with_random(scores, 50, 0, None, None)
+    for row, top in zip(got.reshape(-1, 170), want_top.reshape(-1, 50)):
+        assert set(row[:50].tolist()) == set(top.tolist())
+        extra = row[50:].tolist()
+        assert len(set(row.tolist())) == 170 and all(i % 3 == 2 for i in extra)  # the highest noise only
