@@ -72,6 +72,11 @@ def main():
         n_rand = -(-n // 20) if name.startswith("mlp") else k // 20
         scores = torch.rand(shape, device=DEV)
         gen = torch.Generator(DEV)
+        # Time the kernel itself even where the dispatch keeps torch (rows over MAX_TRITON_ROW, e.g. the MLP's
+        # 12288 units, which the op selects through mlp_refresh_selection instead, without that limit).
+        dispatched = "triton" if n <= select_tr.MAX_TRITON_ROW else "torch"
+        saved_max = select_tr.MAX_TRITON_ROW
+        select_tr.MAX_TRITON_ROW = max(saved_max, n)
         got = select_tr.select_topk_with_random(scores, k - n_rand, n_rand, None, gen.manual_seed(1))
         want = select_ref.select_topk_with_random(scores, k - n_rand, n_rand, None, gen.manual_seed(1))
         rows_equal = (got.sort(-1).values == want.sort(-1).values).all(-1).float().mean().item()
@@ -83,6 +88,8 @@ def main():
             row["triton_us"][str(chunk or "auto")] = us(
                 lambda: select_tr.select_topk_with_random(scores, k - n_rand, n_rand, None, gen))
         select_tr.CHUNK = None
+        select_tr.MAX_TRITON_ROW = saved_max
+        row["generic_dispatch"] = dispatched
         rows_out.append(row)
         print(f"selection {name:16s} rows equal {rows_equal:.3f} torch {torch_us:7.1f} us | triton "
               + " ".join(f"{c}:{t:.1f}" for c, t in row["triton_us"].items()), flush=True)
