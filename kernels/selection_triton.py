@@ -84,6 +84,29 @@ def _prefix_matches(key, prefix, p: tl.constexpr):
 
 
 @triton.jit
+def _take(cand, key, t, room, ties_before, all_ties):
+    """Entries of ``cand`` taken at threshold t: key > t, and keys equal to t in position order while fewer than
+    ``room`` were taken before (``ties_before`` counts earlier chunks'; ``all_ties``: every one is taken, no
+    scan needed). Returns (taken, this chunk's count of keys equal to t)."""
+    if all_ties:
+        taken = cand & (key >= t)
+        ties = tl.full([], 0, tl.int32)
+    else:
+        tie = (cand & (key == t)).to(tl.int32)
+        taken = cand & (key > t) | ((tie != 0) & (ties_before + tl.cumsum(tie, 0) <= room))
+        ties = tl.sum(tie, 0)
+    return taken, ties
+
+
+@triton.jit
+def _store_positions(OUT, first, mask, offs):
+    """OUT[first + (running count of mask)] = offs where mask (order kept); returns how many were stored."""
+    count = tl.cumsum(mask.to(tl.int32), 0)
+    tl.store(OUT + first + count - 1, offs, mask=mask)
+    return tl.sum(mask.to(tl.int32), 0)
+
+
+@triton.jit
 def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample, num_top, num_random,
                    forced_lo, forced_hi, FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, CHUNK: tl.constexpr):
     # Streams the row in chunks (reloaded from L1/L2 by each pass): 4 radix passes find the num_top-th largest
@@ -117,13 +140,9 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                 offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
                                                  forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK,
                                                  True)
-                if all_t1:
-                    open_ = valid & (key < t1)  # not taken by the top part
-                else:
-                    tie = valid & (key == t1)
-                    rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)
-                    ties_before += tl.sum(tie.to(tl.int32), 0)
-                    open_ = valid & (key < t1) | (tie & (rank > room1))
+                top, ties = _take(valid, key, t1, room1, ties_before, all_t1)
+                ties_before += ties
+                open_ = valid & ~top  # not taken by the top part
                 match = open_ if p == 0 else open_ & _prefix_matches(noise, t2, p)
                 hist += tl.histogram(_byte_of(noise, p), 256, mask=match)
             t2, room2, ties_at_t2 = _radix_step(hist, room2, t2)
@@ -137,26 +156,14 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
     for start in range(0, n, CHUNK):
         offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
                                          forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK, True)
-        if all_t1:
-            top = valid & (key >= t1)
-        else:
-            tie = valid & (key == t1)
-            top = valid & (key > t1) | (tie & (ties1 + tl.cumsum(tie.to(tl.int32), 0) <= room1))
-            ties1 += tl.sum(tie.to(tl.int32), 0)
-        top_count = tl.cumsum(top.to(tl.int32), 0)
-        tl.store(out_row + n_top + top_count - 1, offs, mask=top)
-        n_top += tl.sum(top.to(tl.int32), 0)
+        top, ties = _take(valid, key, t1, room1, ties1, all_t1)
+        ties1 += ties
+        n_top += _store_positions(out_row, n_top, top, offs)
         taken = top
         if num_random > 0:
-            open_ = valid & ~top
-            if all_t2:
-                extra = open_ & (noise >= t2)
-            else:
-                tie2 = open_ & (noise == t2)
-                extra = open_ & (noise > t2) | (tie2 & (ties2 + tl.cumsum(tie2.to(tl.int32), 0) <= room2))
-                ties2 += tl.sum(tie2.to(tl.int32), 0)
-            tl.store(out_row + num_top + n_extra + tl.cumsum(extra.to(tl.int32), 0) - 1, offs, mask=extra)
-            n_extra += tl.sum(extra.to(tl.int32), 0)
+            extra, ties = _take(valid & ~top, noise, t2, room2, ties2, all_t2)
+            ties2 += ties
+            n_extra += _store_positions(out_row, num_top + n_extra, extra, offs)
             taken = top | extra
         if FROM_HBAR:
             # Each selected unit's reference becomes its value now; unselected units keep their older one.
