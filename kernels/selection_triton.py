@@ -219,9 +219,10 @@ def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
     n = scores.shape[-1]
     num_forced = 0 if forced is None else forced[1] - forced[0]
     k_total = reference.selection_size(n, num_top, num_random, num_forced)
-    if k_total == n or n > MAX_TRITON_ROW:
-        return reference.select_topk_with_random(scores, num_top, num_random, forced, generator)
     num_top_total = min(n, num_forced + num_top)
+    # Everything, nothing ranked (the kernel's thresholds assume at least one top entry) or long rows: torch.
+    if k_total == n or num_top_total == 0 or n > MAX_TRITON_ROW:
+        return reference.select_topk_with_random(scores, num_top, num_random, forced, generator)
     scores = scores.contiguous()
     noise = _noise(scores.shape[1:], scores.device, generator, k_total - num_top_total)
     out = torch.empty((*scores.shape[:-1], k_total), dtype=torch.int64, device=scores.device)
@@ -236,7 +237,7 @@ def mlp_refresh_selection(hbar_new: torch.Tensor, hbar_cache: torch.Tensor, num_
     n = num_units
     k_total = reference.selection_size(n, num_top, num_random, 0)
     shape = (*hbar_new.shape[:-1], k_total)
-    if (k_total == n or not hbar_cache.is_contiguous()
+    if (k_total == n or num_top == 0 or not hbar_cache.is_contiguous()
             or (out is not None and (out.dtype != torch.int64 or not out.is_contiguous() or out.shape != shape))):
         return mlp_reference.mlp_refresh_selection(hbar_new, hbar_cache, num_units, num_top, num_random, generator,
                                                    out)

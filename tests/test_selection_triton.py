@@ -62,6 +62,8 @@ def test_select_all_units_and_rows_over_many_chunks(monkeypatch):
     scores = torch.rand(1, 2, 40)
     got = sel_tr.select_topk_with_random(scores, 30, 10, None, torch.Generator().manual_seed(0))
     assert _sets(got) == [set(range(40))] * 2
+    only_random = sel_tr.select_topk_with_random(scores, 0, 5, None, torch.Generator().manual_seed(0))
+    assert only_random.shape == (1, 2, 5) and all(len(r) == 5 for r in _sets(only_random))
     # Rows streamed in 9 chunks of 128 with ties spread over all of them: exactly k distinct indices, all at or
     # above the threshold, the lowest-index ties first.
     monkeypatch.setattr(sel_tr, "CHUNK", 128)
