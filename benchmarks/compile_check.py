@@ -80,9 +80,11 @@ def _variants():
                     **config.kwargs),
                ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)
     # Selection: one program per row, streamed in chunks (scores given, or from the MLP's block means).
+    # (the MLP path writes the op's int32 index buffer directly)
     for from_hbar, chunk, warps in ((False, 1024, 4), (True, 4096, 8), (False, 4096, 8)):
         yield (f"selection chunk {chunk} from_hbar={from_hbar}", select_tr._select_kernel,
-               dict(SCORES="*fp32", HBAR_NEW="*bf16", HBAR_CACHE="*fp32", NOISE="*fp32", OUT="*i64"),
+               dict(SCORES="*fp32", HBAR_NEW="*bf16", HBAR_CACHE="*fp32", NOISE="*fp32",
+                    OUT="*i32" if from_hbar else "*i64"),
                dict(FROM_HBAR=from_hbar, PATHS=1, CHUNK=chunk), [], warps, 1)
 
 

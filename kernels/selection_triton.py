@@ -238,7 +238,8 @@ def mlp_refresh_selection(hbar_new: torch.Tensor, hbar_cache: torch.Tensor, num_
     k_total = reference.selection_size(n, num_top, num_random, 0)
     shape = (*hbar_new.shape[:-1], k_total)
     if (k_total == n or num_top == 0 or not hbar_cache.is_contiguous()
-            or (out is not None and (out.dtype != torch.int64 or not out.is_contiguous() or out.shape != shape))):
+            or (out is not None and (out.dtype not in (torch.int32, torch.int64) or not out.is_contiguous()
+                                     or out.shape != shape))):
         return mlp_reference.mlp_refresh_selection(hbar_new, hbar_cache, num_units, num_top, num_random, generator,
                                                    out)
     hbar_new = hbar_new.contiguous()  # any float dtype: the kernel reads it as float32

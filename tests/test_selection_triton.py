@@ -81,8 +81,9 @@ def test_select_all_units_and_rows_over_many_chunks(monkeypatch):
     assert _sets(got) == _sets(want)
 
 
-@pytest.mark.parametrize("paths,dtype", [(1, torch.float32), (2, torch.float32), (1, torch.float16)])
-def test_mlp_refresh_matches_reference(paths, dtype):
+@pytest.mark.parametrize("paths,dtype,index_dtype", [(1, torch.float32, torch.int64), (2, torch.float32, torch.int32),
+                                                      (1, torch.float16, torch.int32)])
+def test_mlp_refresh_matches_reference(monkeypatch, paths, dtype, index_dtype):
     """hbar_new comes in the scoring GEMM's dtype (fp16 here; bf16 on the GPU), the references are float32."""
     gen = torch.Generator().manual_seed(7)
     B, nb, F, num_top, num_random = 2, 3, 200, 40, 12
@@ -91,9 +92,12 @@ def test_mlp_refresh_matches_reference(paths, dtype):
     cache = hbar_new.float().clone()
     cache[..., :F] -= _distinct_scores((B, nb, F), gen)
     cache_tr, cache_ref = cache.clone(), cache.clone()
-    out = torch.full((B, nb, num_top + num_random), -1, dtype=torch.int64)
+    # The op's index buffers are int32: written by the kernel in place (the torch fallback must not run).
+    out = torch.full((B, nb, num_top + num_random), -1, dtype=index_dtype)
+    monkeypatch.setattr(mlp_ref, "mlp_refresh_selection", None)
     got = sel_tr.mlp_refresh_selection(hbar_new, cache_tr, F, num_top, num_random, torch.Generator().manual_seed(3),
                                        out=out)
+    monkeypatch.undo()
     want = mlp_ref.mlp_refresh_selection(hbar_new, cache_ref, F, num_top, num_random,
                                          torch.Generator().manual_seed(3))
     assert got is out and _sets(got) == _sets(want)
