@@ -124,3 +124,28 @@ def test_ties_in_the_random_draw(monkeypatch):
         assert set(row[:50].tolist()) == set(top.tolist())
         extra = row[50:].tolist()
         assert len(set(row.tolist())) == 170 and all(i % 3 == 2 for i in extra)  # the highest noise only
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_op_refresh_path_on_triton_matches_torch(gated):
+    """``mlp_op.refresh_indices`` as the backend calls it (int32 index buffer slice, float32 references): the Triton
+    dispatch picks the same units and leaves the same references as the torch one."""
+    from chipmunk_compile.kernels import mlp_op
+
+    gen = torch.Generator().manual_seed(12)
+    B, N, C, F, T = 2, 96, 16, 160, 32
+    x = torch.randn(B, N, C, generator=gen)
+    w_gate, b_gate = torch.randn(F, C, generator=gen), torch.randn(F, generator=gen)
+    w_up, b_up = (torch.randn(F, C, generator=gen), torch.randn(F, generator=gen)) if gated else (None, None)
+    paths = 2 if gated else 1
+    hbar = torch.randn(3, B, N // T, paths * F, generator=gen)    # [invocations, B, nb, P*F] like the state buffers
+    indices = torch.zeros(3, B, N // T, 48, dtype=torch.int32)
+    results = {}
+    for kernels in ("torch", "triton"):
+        h, idx = hbar.clone(), indices.clone()
+        mlp_op.refresh_indices(x, w_gate, b_gate, w_up, b_up, h[1], idx[1], 40, 8, T,
+                               torch.Generator().manual_seed(4), kernels)
+        results[kernels] = (h, idx)
+    (h_ref, i_ref), (h_tr, i_tr) = results["torch"], results["triton"]
+    assert _sets(i_tr[1]) == _sets(i_ref[1]) and torch.equal(i_tr[0], indices[0]) and torch.equal(i_tr[2], indices[2])
+    assert torch.allclose(h_tr, h_ref) and not torch.equal(h_tr[1], hbar[1])
