@@ -99,7 +99,7 @@ def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, sta
         forced = (static_start, static_end) if static_end > static_start else None
         num_top, num_random, _ = attention_selection_counts(num_keys, static_end - static_start, opts)
         select = implementation("select_topk_with_random", opts.kernels, q.device)
-        indices[inv].copy_(select(colmass, num_top, num_random, forced, rt.generator(site_index, q.device)))
+        select(colmass, num_top, num_random, forced, rt.generator(site_index, q.device), out=indices[inv])
         flags.has_indices = True
     lse_cache[inv].copy_(lse)
     flags.has_lse = True

@@ -17,7 +17,13 @@ def selection_size(n: int, num_top: int, num_random: int, num_forced: int) -> in
 
 
 def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
-                            forced: tuple[int, int] | None, generator: torch.Generator | None):
+                            forced: tuple[int, int] | None, generator: torch.Generator | None, out=None):
+    """``out`` (optional): written with the indices (any integer dtype) and returned."""
+    selected = _select(scores, num_top, num_random, forced, generator)
+    return selected if out is None else out.copy_(selected)
+
+
+def _select(scores, num_top, num_random, forced, generator):
     # The forced entries are a static range, so their count is known without reading the device (no sync).
     n = scores.shape[-1]
     num_forced = 0 if forced is None else forced[1] - forced[0]

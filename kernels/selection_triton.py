@@ -172,7 +172,7 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                 tl.store(HBAR_CACHE + (row * PATHS + p) * n + offs, new.to(HBAR_CACHE.dtype.element_ty), mask=taken)
 
 
-# Chunk per pass iteration (tests force small ones). Measured on H100 (benchmarks/selection_micro.py): tl.histogram
+# Chunk per pass iteration (tests force small ones). Measured on H100 (benchmarks/selection.py): tl.histogram
 # is most of a pass (~1.2 us per 2048 entries per program, however the bytes spread), so few long rows (an MLP
 # refresh: 36-132 rows of 12288) run fastest in 4096-entry chunks at 8 warps, while many rows (attention N4608:
 # 576 rows of 4608) prefer 1024 at 4 warps, where several programs share an SM.
@@ -214,18 +214,26 @@ def _noise(shape, device, generator, num_random):
     return torch.empty(shape, dtype=torch.float32, device=device).uniform_(generator=generator)
 
 
+def _writable_indices(out, shape) -> bool:
+    """The kernel can store into ``out`` directly (else the result is copied in)."""
+    return out.dtype in (torch.int32, torch.int64) and out.is_contiguous() and tuple(out.shape) == tuple(shape)
+
+
 def select_topk_with_random(scores: torch.Tensor, num_top: int, num_random: int,
-                            forced: tuple[int, int] | None, generator: torch.Generator | None):
+                            forced: tuple[int, int] | None, generator: torch.Generator | None, out=None):
     n = scores.shape[-1]
     num_forced = 0 if forced is None else forced[1] - forced[0]
     k_total = reference.selection_size(n, num_top, num_random, num_forced)
     num_top_total = min(n, num_forced + num_top)
+    shape = (*scores.shape[:-1], k_total)
     # Everything, nothing ranked (the kernel's thresholds assume at least one top entry) or long rows: torch.
-    if k_total == n or num_top_total == 0 or n > MAX_TRITON_ROW:
-        return reference.select_topk_with_random(scores, num_top, num_random, forced, generator)
+    if k_total == n or num_top_total == 0 or n > MAX_TRITON_ROW or (out is not None
+                                                                     and not _writable_indices(out, shape)):
+        return reference.select_topk_with_random(scores, num_top, num_random, forced, generator, out)
     scores = scores.contiguous()
     noise = _noise(scores.shape[1:], scores.device, generator, k_total - num_top_total)
-    out = torch.empty((*scores.shape[:-1], k_total), dtype=torch.int64, device=scores.device)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.int64, device=scores.device)
     rows = scores.numel() // n
     _launch(rows, n, scores, None, None, noise, out, max(1, noise.numel() // n), num_top_total,
             k_total - num_top_total, forced, 1)
@@ -238,8 +246,7 @@ def mlp_refresh_selection(hbar_new: torch.Tensor, hbar_cache: torch.Tensor, num_
     k_total = reference.selection_size(n, num_top, num_random, 0)
     shape = (*hbar_new.shape[:-1], k_total)
     if (k_total == n or num_top == 0 or not hbar_cache.is_contiguous()
-            or (out is not None and (out.dtype not in (torch.int32, torch.int64) or not out.is_contiguous()
-                                     or out.shape != shape))):
+            or (out is not None and not _writable_indices(out, shape))):
         return mlp_reference.mlp_refresh_selection(hbar_new, hbar_cache, num_units, num_top, num_random, generator,
                                                    out)
     hbar_new = hbar_new.contiguous()  # any float dtype: the kernel reads it as float32

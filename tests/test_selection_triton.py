@@ -43,6 +43,11 @@ def test_select_matches_reference(shape, num_top, num_random, forced):
     want = sel_ref.select_topk_with_random(scores, num_top, num_random, forced, torch.Generator().manual_seed(11))
     assert got.shape == want.shape and got.dtype == torch.int64
     assert _sets(got) == _sets(want)
+    # Into the op's int32 index buffer, in place.
+    out = torch.full(got.shape, -1, dtype=torch.int32)
+    same = sel_tr.select_topk_with_random(scores, num_top, num_random, forced, torch.Generator().manual_seed(11),
+                                          out=out)
+    assert same is out and _sets(out) == _sets(want)
     for row in got.reshape(-1, got.shape[-1]):
         assert len(set(row.tolist())) == row.numel()  # no index twice
 
