@@ -43,7 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from chipmunk_compile.kernels.kv_ring_gluon import PRODUCER_THREADS
+from chipmunk_compile.kernels.kv_ring_gluon import allocate_kv_ring as _allocate_ring
 from chipmunk_compile.kernels.kv_ring_gluon import attention_unsupported_reason
 from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile as _load_query_tile
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
@@ -153,20 +153,11 @@ def _dense_colmass_ws_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, REDO, PART_O, PA
     V = V + key_lo.to(gl.int64) * stride_vn
 
     dtype: gl.constexpr = Q.dtype.element_ty
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], dtype)
+    k_bufs, v_bufs, q_bufs, ready_bars, empty_bars = _allocate_ring(dtype, D, BLOCK_N, NUM_STAGES, N_CONSUMERS)
     pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], dtype)
-    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
-    q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout)
     pt_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, BLOCK_N, 64], pt_layout)  # each consumer's P^T
     # Per ring slot, each consumer's per-key partial column sums (row 4 * slot + consumer; power-of-two shape).
     colbuf = gl.allocate_shared_memory(gl.float32, [NUM_STAGES * 4, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)
-        mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
 
     # Partition argument tuples are spelled out per call: held in a variable or concatenated, a tuple loses its
     # constexprs (they become runtime values or plain ints that warp_specialize cannot pass).

@@ -80,6 +80,25 @@ def _flush_colsums(colbuf, first, CS, cs_off, start, n, BLOCK_N: gl.constexpr, N
 
 
 @gluon.jit
+def allocate_kv_ring(dtype: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     N_CONSUMERS: gl.constexpr):
+    """Shared memory of the ring and the consumers' query tiles, barriers initialised:
+    (k_bufs, v_bufs [NUM_STAGES, BLOCK_N, D], q_bufs [N_CONSUMERS, 64, D], ready_bars, empty_bars)."""
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], dtype)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        # ready: one (asynchronous) arrival per producer thread; empty: one arrival per consumer warpgroup.
+        mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)
+        mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
+    return k_bufs, v_bufs, q_bufs, ready_bars, empty_bars
+
+
+@gluon.jit
 def load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D: gl.constexpr):
     """A consumer warpgroup's 64 query rows (zeros past row_end) -> q_smem, the wgmma A operand."""
     io_layout: gl.constexpr = row_layout(D)
