@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
+from triton.runtime.jit import mangle_type
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -51,9 +53,19 @@ def _variants():
                dict(maxnreg=sparse_ws._MAXNREG))
     dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32", REDO="*i32", PART_O="*fp32",
                       PART_L="*fp32")
-    for d, kb, groups in ((128, False, 192), (128, True, 192), (64, False, 192), (128, False, 128)):
-        yield (f"dense_attention_ws d={d} kb={kb} group={groups}", dense_ws._dense_colmass_ws_kernel, dense_ptrs,
-               dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64, **dense_ws._CONFIG), [], 4,
+    for d, kb, groups, tma in ((128, False, 192, 1), (128, True, 192, 1), (64, False, 192, 1), (128, False, 128, 1),
+                               (128, False, 192, 0)):
+        if tma:  # the descriptors' types, as the launcher derives them from the host TensorDescriptor
+            desc = mangle_type(dense_ws.kv_tile_descriptor(torch.empty(2, 4, 300, d, dtype=torch.bfloat16),
+                                                           dense_ws._CONFIG["BLOCK_N"]))
+            q_desc = mangle_type(dense_ws.kv_tile_descriptor(torch.empty(2, 4, 300, d, dtype=torch.bfloat16), 64))
+            descs = dict(Q_DESC=q_desc, K_DESC=desc, V_DESC=desc)
+        else:
+            descs = dict(Q_DESC="*bf16", K_DESC="*bf16", V_DESC="*bf16")
+        yield (f"dense_attention_ws d={d} kb={kb} group={groups} tma={tma}", dense_ws._dense_colmass_ws_kernel,
+               dict(dense_ptrs, **descs), dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64,
+                                                   **{n: v for n, v in dict(dense_ws._CONFIG, TMA=tma).items()
+                                                      if n in dense_ws._dense_colmass_ws_kernel.arg_names}), [], 4,
                dict(maxnreg=dense_ws._MAXNREG))
     for config in dense_tr._CONFIGS:
         bm, cs_mode, anchor = config.kwargs["BLOCK_M"], config.kwargs["CS_MODE"], config.kwargs["ANCHOR"]
@@ -100,7 +112,7 @@ def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stage
             signature[name] = pointers[name]
         else:
             signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
-        if signature[name] not in ("constexpr", "fp32"):
+        if signature[name] not in ("constexpr", "fp32") and not signature[name].startswith("tensordesc"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     if gluon_options is not None:
         from triton.experimental.gluon._runtime import GluonASTSource

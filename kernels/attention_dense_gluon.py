@@ -39,26 +39,70 @@ import functools
 import torch
 
 from triton.experimental import gluon
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
 from chipmunk_compile.kernels.kv_ring_gluon import allocate_kv_ring as _allocate_ring
 from chipmunk_compile.kernels.kv_ring_gluon import attention_unsupported_reason
 from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile as _load_query_tile
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
+from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer_tma as _producer_tma
+from chipmunk_compile.kernels.kv_ring_gluon import kv_tile as _kv_tile
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64
 
 
 @gluon.jit
+def _unit_coords(u, first_split, num_groups, Nk, BLOCK_N: gl.constexpr, N_CONSUMERS: gl.constexpr):
+    """Work unit u -> (pid_bh, g, key_lo, n_keys, part_row). Units are the work items t = g + num_groups * (b * H +
+    h) in order, except that items from first_split on (the last, partial wave) are two units each, one per half
+    of the key tiles; part_row: the first scratch row of such a half's partial O and l, negative otherwise."""
+    split = u >= first_split
+    j = gl.maximum(u - first_split, 0)  # split unit j: item first_split + j // 2, key half j % 2
+    half = gl.cdiv(gl.cdiv(Nk, BLOCK_N), 2) * BLOCK_N
+    t = gl.where(split, first_split + j // 2, u)
+    key_lo = gl.where(split, (j % 2) * half, 0)
+    n_keys = gl.where(split, half + (j % 2) * (Nk - 2 * half), Nk)
+    part_row = gl.where(split, j * (N_CONSUMERS * 64), -1024)
+    return (t // num_groups).to(gl.int64), t % num_groups, key_lo, n_keys, part_row
+
+
+@gluon.jit
 def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_bufs, v_bufs, ready_bars, empty_bars,
-                      pt_smem, colbuf, wg, b, h, pid_bh, redo_off, part_row, row0, row_end, Nq, Nk, kb_off, qk_scale,
-                      stride_qb, stride_qh, stride_qn, D: gl.constexpr, BLOCK_N: gl.constexpr,
-                      NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr):
-    # Nk, KB + kb_off: this CTA's keys (all of them, or one half of a split group's); part_row < 0: a whole
-    # group, else the first scratch row of this consumer's unnormalised partial O and l.
+                      q_ready, q_empty, pt_smem, colbuf, wg, n_units, first_split, H, num_groups, group_size, Nq, Nk,
+                      qk_scale,
+                      stride_kbb, stride_qb, stride_qh, stride_qn, D: gl.constexpr, BLOCK_N: gl.constexpr,
+                      NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr, TMA: gl.constexpr,
+                      N_CONSUMERS: gl.constexpr):
+    # Consumer warpgroup wg (queries 64 wg .. 64 wg + 63 of each group) of a persistent CTA: its units in order.
+    first_tile = 0
+    n_done = 0
+    for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+        pid_bh, g, key_lo, n_keys, part_row = _unit_coords(u, first_split, num_groups, Nk, BLOCK_N, N_CONSUMERS)
+        b = pid_bh // H
+        row0 = g * group_size + 64 * wg
+        _colmass_unit(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_bufs, v_bufs, ready_bars,
+                      empty_bars, q_ready, q_empty, n_done & 1, pt_smem, colbuf, wg, b, pid_bh % H, pid_bh,
+                      pid_bh * num_groups + g, gl.where(part_row >= 0, part_row + 64 * wg, part_row), row0,
+                      gl.minimum(g * group_size + group_size, Nq), Nq, n_keys, b * stride_kbb + key_lo, qk_scale,
+                      first_tile, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA)
+        first_tile += gl.cdiv(n_keys, BLOCK_N)
+        n_done += 1
+
+
+@gluon.jit
+def _colmass_unit(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_buf, k_bufs, v_bufs, ready_bars, empty_bars,
+                  q_ready, q_empty, q_phase, pt_smem, colbuf, wg, b, h, pid_bh, redo_off, part_row, row0, row_end, Nq,
+                  Nk, kb_off, qk_scale,
+                  first_tile, stride_qb, stride_qh, stride_qn, D: gl.constexpr, BLOCK_N: gl.constexpr,
+                  NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr, TMA: gl.constexpr):
+    # One unit: Nk, KB + kb_off: its keys (all of them, or one half of a split group's); part_row < 0: a whole
+    # group, else the first scratch row of this consumer's unnormalised partial O and l; first_tile: the ring
+    # position of its first key tile. TMA: the producer loads the query tile too (q_ready, phase q_phase) and
+    # may load the next unit's once this one's scores are done (q_empty); else it is loaded here.
     # Scores transposed, S^T = K Q^T [keys, queries]: the column mass (a sum over queries) is then a row sum
     # (in-thread adds and two shuffles, no cross-warp step), and O^T += V^T P^T with P^T staged in shared memory.
     ROWS: gl.constexpr = 64
@@ -66,7 +110,12 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_b
                                                        instr_shape=[16, ROWS, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
-    _load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D)
+    if TMA:
+        q_smem = q_buf.reshape([ROWS, D])
+        mbarrier.wait(q_ready, q_phase)
+    else:
+        q_smem = q_buf
+        _load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D)
 
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
     row_ok = rows < row_end
@@ -79,10 +128,12 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_b
     offs_k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
     n_tiles = gl.cdiv(Nk, BLOCK_N)
     for i in range(n_tiles):
-        slot = i % NUM_STAGES
-        mbarrier.wait(ready_bars.index(slot), (i // NUM_STAGES) & 1)
-        fence_async_shared()
-        st = warpgroup_mma(k_bufs.index(slot), q_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        slot = (first_tile + i) % NUM_STAGES
+        mbarrier.wait(ready_bars.index(slot), ((first_tile + i) // NUM_STAGES) & 1)
+        if not TMA:  # cp.async wrote the slot through the generic proxy; the wgmma reads it through the async one
+            fence_async_shared()
+        st = warpgroup_mma(_kv_tile(k_bufs, slot, BLOCK_N, D, TMA), q_smem.permute((1, 0)), s_zero, use_acc=False,
+                           is_async=True)
         st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
         keys = i * BLOCK_N + offs_k
         if HAS_KB:
@@ -92,14 +143,16 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_b
         pt = gl.exp2(st * qk_scale - anchor[None, :])
         pt_smem.store(pt.to(Q.dtype.element_ty))
         fence_async_shared()
-        acc = warpgroup_mma(v_bufs.index(slot).permute((1, 0)), pt_smem, acc, is_async=True)
+        acc = warpgroup_mma(_kv_tile(v_bufs, slot, BLOCK_N, D, TMA).permute((1, 0)), pt_smem, acc, is_async=True)
         # The sums run on the CUDA cores while P^T V^T runs on the tensor cores.
         l_part = l_part + gl.sum(gl.reshape(pt, [BLOCK_N // 16, 2, 8, ROWS]), 1)
         colbuf.index(slot * 4 + wg).store(gl.sum(pt, 1))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty_bars.index(slot), count=1)
+    if TMA:
+        mbarrier.arrive(q_empty, count=1)
 
-    l_i = gl.convert_layout(gl.sum(gl.sum(l_part, 0), 0), gl.SliceLayout(0, s_layout))
+    l_i = gl.convert_layout(gl.sum(gl.sum(l_part, 1), 0), gl.SliceLayout(0, s_layout))  # lanes, then warps
     if part_row >= 0:
         # Half of a split group: the two halves' partials add up (same anchor), combined by the redo launch.
         prow = part_row + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
@@ -110,8 +163,8 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_b
     else:
         gl.store(LSE + pid_bh * Nq + rows, (anchor + gl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
         bad = row_ok & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
-        if gl.sum(bad.to(gl.int32), 0) > 0:
-            gl.store(REDO + redo_off, 1)
+        # This consumer's flag of the item, written either way (no zero-filled buffer to launch).
+        gl.store(REDO + redo_off * 4 + wg, gl.max(bad.to(gl.int32), 0))
         o_t = acc / gl.convert_layout(l_i, gl.SliceLayout(0, o_layout))[None, :]
         # O^T -> O rows: head dim fastest per thread for 16-byte stores.
         st_layout: gl.constexpr = gl.BlockedLayout([8, 1], [D // 8, 32 // (D // 8)], [1, 4], [0, 1])
@@ -123,91 +176,119 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_b
 
 
 @gluon.jit
-def _dense_colmass_ws_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, REDO, PART_O, PART_L, stride_kbb,
+def _dense_producer(K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars, q_ready, q_empty,
+                    colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn,
+                    D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr,
+                    TMA: gl.constexpr):
+    # The persistent CTA's units in order, K/V tiles by TMA or by cp.async from these threads; each unit's column
+    # mass is flushed before the next unit's tiles enter the ring (the consumers' epilogue overlaps that refill).
+    first_tile = 0
+    n_done = 0
+    for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+        pid_bh, g, key_lo, n_keys, part_row = _unit_coords(u, first_split, num_groups, Nk, BLOCK_N, N_CONSUMERS)
+        b = pid_bh // H
+        h = pid_bh % H
+        cs_off = (pid_bh * num_groups + g) * Nk + key_lo
+        if TMA:
+            for c in gl.static_range(N_CONSUMERS):  # query tiles (rows past the end zero-filled)
+                mbarrier.wait(q_empty.index(c), (n_done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), 64 * D * K.dtype.element_ty.primitive_bitwidth // 8)
+                tma.async_copy_global_to_shared(Q_DESC, [b.to(gl.int32), h.to(gl.int32), g * group_size + 64 * c, 0],
+                                                q_ready.index(c), q_bufs.index(c))
+            _producer_tma(K_DESC, V_DESC, k_bufs, v_bufs, ready_bars, empty_bars, b, h, key_lo, n_keys, colbuf, CS,
+                          cs_off, first_tile, BLOCK_N * D * K.dtype.element_ty.primitive_bitwidth // 8, BLOCK_N,
+                          NUM_STAGES, N_CONSUMERS)
+        else:
+            _producer(K + key_lo.to(gl.int64) * stride_kn, V + key_lo.to(gl.int64) * stride_vn, K, k_bufs, v_bufs,
+                      ready_bars, empty_bars, b, h, 0, n_keys, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                      stride_vn, colbuf, CS, cs_off, first_tile, D, BLOCK_N, NUM_STAGES, False, N_CONSUMERS)
+        first_tile += gl.cdiv(n_keys, BLOCK_N)
+        n_done += 1
+
+
+@gluon.jit
+def _dense_colmass_ws_kernel(Q, K, V, Q_DESC, K_DESC, V_DESC, O, LSE, LSE_PREV, CS, KB, REDO, PART_O, PART_L, stride_kbb,
                              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn,
-                             H, Nq, Nk, num_groups, group_size, first_split, qk_scale,
+                             H, Nq, Nk, num_groups, group_size, first_split, n_units, qk_scale,
                              D: gl.constexpr, HAS_KB: gl.constexpr, BLOCK_N: gl.constexpr,
-                             NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    # Work items t = g + num_groups * (b * H + h) in launch order; those from first_split on (the last,
-    # partial wave) run as two CTAs each, one per half of the key tiles.
-    w = gl.program_id(0)
-    split = w >= first_split
-    j = gl.maximum(w - first_split, 0)  # split CTA j: group first_split + j // 2, key half j % 2
-    half = gl.cdiv(gl.cdiv(Nk, BLOCK_N), 2) * BLOCK_N
-    t = gl.where(split, first_split + j // 2, w)
-    key_lo = gl.where(split, (j % 2) * half, 0)
-    n_keys = gl.where(split, half + (j % 2) * (Nk - 2 * half), Nk)
-    # First scratch row of the CTA's partial O and l; negative for every consumer of a whole group.
-    part_row = gl.where(split, j * (N_CONSUMERS * 64), -1024)
-    g = t % num_groups
-    pid_bh = (t // num_groups).to(gl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    row0 = g * group_size
-    row_end = gl.minimum(row0 + group_size, Nq)
-    kb_off = b * stride_kbb + key_lo
-    redo_off = pid_bh * num_groups + g
-    cs_off = redo_off * Nk + key_lo
-    K = K + key_lo.to(gl.int64) * stride_kn
-    V = V + key_lo.to(gl.int64) * stride_vn
-
+                             NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                             TMA: gl.constexpr):
+    # Persistent: CTA c runs units c, c + grid, ... (see _unit_coords); one consumer warpgroup per 64 queries.
     dtype: gl.constexpr = Q.dtype.element_ty
-    k_bufs, v_bufs, q_bufs, ready_bars, empty_bars = _allocate_ring(dtype, D, BLOCK_N, NUM_STAGES, N_CONSUMERS)
+    k_bufs, v_bufs, q_bufs, ready_bars, empty_bars = _allocate_ring(dtype, D, BLOCK_N, NUM_STAGES, N_CONSUMERS, TMA)
     pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], dtype)
     pt_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, BLOCK_N, 64], pt_layout)  # each consumer's P^T
     # Per ring slot, each consumer's per-key partial column sums (row 4 * slot + consumer; power-of-two shape).
     colbuf = gl.allocate_shared_memory(gl.float32, [NUM_STAGES * 4, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # TMA: the query tiles' barriers (loaded: one arrival with the byte count; free: the consumer's arrival).
+    q_ready = gl.allocate_shared_memory(gl.int64, [N_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [N_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(N_CONSUMERS):
+        mbarrier.init(q_ready.index(c), count=1)
+        mbarrier.init(q_empty.index(c), count=1)
 
     # Partition argument tuples are spelled out per call: held in a variable or concatenated, a tuple loses its
     # constexprs (they become runtime values or plain ints that warp_specialize cannot pass).
     if N_CONSUMERS == 3:
         gl.warp_specialize([
-            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, n_keys, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, colbuf, CS, cs_off, D, BLOCK_N,
-                         NUM_STAGES, False, N_CONSUMERS)),
+            (_dense_producer, (K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars,
+                               q_ready, q_empty, colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk,
+                               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N,
+                               NUM_STAGES, N_CONSUMERS, TMA)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
-                                 ready_bars, empty_bars, pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off,
-                                 part_row + 0, row0, row_end, Nq, n_keys,
-                                 kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+                                 ready_bars, empty_bars, q_ready.index(0), q_empty.index(0), pt_bufs.index(0),
+                                 colbuf, 0, n_units, first_split, H,
+                                 num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
+                                 stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(1), k_bufs, v_bufs,
-                                 ready_bars, empty_bars, pt_bufs.index(1), colbuf, 1, b, h, pid_bh, redo_off,
-                                 part_row + 64, row0 + 64, row_end, Nq, n_keys,
-                                 kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+                                 ready_bars, empty_bars, q_ready.index(1), q_empty.index(1), pt_bufs.index(1),
+                                 colbuf, 1, n_units, first_split, H,
+                                 num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
+                                 stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(2), k_bufs, v_bufs,
-                                 ready_bars, empty_bars, pt_bufs.index(2), colbuf, 2, b, h, pid_bh, redo_off,
-                                 part_row + 128, row0 + 128, row_end, Nq, n_keys,
-                                 kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+                                 ready_bars, empty_bars, q_ready.index(2), q_empty.index(2), pt_bufs.index(2),
+                                 colbuf, 2, n_units, first_split, H,
+                                 num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
+                                 stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
     elif N_CONSUMERS == 2:
         gl.warp_specialize([
-            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, n_keys, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, colbuf, CS, cs_off, D, BLOCK_N,
-                         NUM_STAGES, False, N_CONSUMERS)),
+            (_dense_producer, (K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars,
+                               q_ready, q_empty, colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk,
+                               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N,
+                               NUM_STAGES, N_CONSUMERS, TMA)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
-                                 ready_bars, empty_bars, pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off,
-                                 part_row + 0, row0, row_end, Nq, n_keys,
-                                 kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+                                 ready_bars, empty_bars, q_ready.index(0), q_empty.index(0), pt_bufs.index(0),
+                                 colbuf, 0, n_units, first_split, H,
+                                 num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
+                                 stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(1), k_bufs, v_bufs,
-                                 ready_bars, empty_bars, pt_bufs.index(1), colbuf, 1, b, h, pid_bh, redo_off,
-                                 part_row + 64, row0 + 64, row_end, Nq, n_keys,
-                                 kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+                                 ready_bars, empty_bars, q_ready.index(1), q_empty.index(1), pt_bufs.index(1),
+                                 colbuf, 1, n_units, first_split, H,
+                                 num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
+                                 stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([
-            (_producer, (K, V, REDO, k_bufs, v_bufs, ready_bars, empty_bars, b, h, redo_off, n_keys, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, colbuf, CS, cs_off, D, BLOCK_N,
-                         NUM_STAGES, False, N_CONSUMERS)),
+            (_dense_producer, (K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars,
+                               q_ready, q_empty, colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk,
+                               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N,
+                               NUM_STAGES, N_CONSUMERS, TMA)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
-                                 ready_bars, empty_bars, pt_bufs.index(0), colbuf, 0, b, h, pid_bh, redo_off,
-                                 part_row + 0, row0, row_end, Nq, n_keys,
-                                 kb_off, qk_scale, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB)),
+                                 ready_bars, empty_bars, q_ready.index(0), q_empty.index(0), pt_bufs.index(0),
+                                 colbuf, 0, n_units, first_split, H,
+                                 num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
+                                 stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
         ], [4], [CONSUMER_REGS])
 
 
 # Measured on H200 (benchmarks/attention_ws.py): 3 stages (4 need 232 KiB of shared memory with the P^T and
 # column-sum buffers); 152 registers per consumer thread (160 leaves the producer 32 and is slower).
-_CONFIG = dict(BLOCK_N=64, NUM_STAGES=3, CONSUMER_REGS=152)
+# K/V tiles come by TMA (TMA=0: cp.async from the producer's threads, which the first version used).
+# PERSISTENT: one CTA per SM looping over the work (0: one CTA per work unit, as the first version).
+_CONFIG = dict(BLOCK_N=64, NUM_STAGES=4, CONSUMER_REGS=160, TMA=1, PERSISTENT=1)
 _MAXNREG = 128
 
 
@@ -223,6 +304,22 @@ def supports(q, k, v, group_size: int, capability: tuple | None = None) -> str |
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def kv_tile_descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """TMA descriptor of a [B, H, N, D] key or value tensor (any 16-byte-aligned strides), blocks [1, 1, block_n,
+    D]. Unit dimensions get a nominal aligned stride (the copy engine checks every stride, used or not)."""
+    shape = list(t.shape)
+    strides = list(t.stride())
+    for i in range(len(shape) - 2, -1, -1):
+        if shape[i] == 1:
+            strides[i] = strides[i + 1] * shape[i + 1]
+    block = [1, 1, block_n, shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, shape, strides, block, layout)
 
 
 def split_count(work_items: int, key_tiles: int, num_sms: int, forced: int | None = None) -> int:
@@ -241,8 +338,9 @@ def split_count(work_items: int, key_tiles: int, num_sms: int, forced: int | Non
 
 def dense_colmass_ws(q, k, v, scale: float, lse_prev, group_size: int, o, lse, cs, redo,
                      key_bias_scaled=None, key_bias_stride: int = 0, config: dict | None = None):
-    """Launch into the caller's o [B,H,Nq,D] (contiguous), lse [B,H,Nq], cs [B,H,G,Nk] and redo [B*H*G] int32
-    (zeros; set to 1 for groups the caller must recompute with the online softmax).
+    """Launch into the caller's o [B,H,Nq,D] (contiguous), lse [B,H,Nq], cs [B,H,G,Nk] and redo [B*H*G, 4] int32
+    (uninitialised: column c of a whole group is set to 1 when the caller must recompute the group with the
+    online softmax, else 0, for c < ceil(group_size / 64); split groups and the other columns are left as they are).
 
     Returns (first_split, part_o, part_l, part_rows): work items t = g + G * (b * H + h) from first_split on ran
     split in two; their unnormalised halves are part_o [2 * n_split * part_rows, D] and part_l [...] (fp32,
@@ -260,10 +358,18 @@ def dense_colmass_ws(q, k, v, scale: float, lse_prev, group_size: int, o, lse, c
     first_split = items - n_split
     part_o = torch.empty((max(1, 2 * n_split * part_rows), D), dtype=torch.float32, device=q.device)
     part_l = torch.empty((max(1, 2 * n_split * part_rows),), dtype=torch.float32, device=q.device)
-    _dense_colmass_ws_kernel[(first_split + 2 * n_split,)](
-        q, k, v, o, lse, lse_prev, cs, lse if kb is None else kb, redo, part_o, part_l, key_bias_stride,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        H, Nq, Nk, num_groups, group_size, first_split, scale * _LOG2E,
+    use_tma = bool(cfg["TMA"])
+    if use_tma:
+        q_desc, k_desc, v_desc = (kv_tile_descriptor(t, n) for t, n in ((q, _ROWS), (k, cfg["BLOCK_N"]),
+                                                                        (v, cfg["BLOCK_N"])))
+    else:
+        q_desc, k_desc, v_desc = q, k, v
+    n_units = first_split + 2 * n_split
+    grid = n_units if not cfg["PERSISTENT"] else min(n_units, _sm_count(q.device.index or 0))
+    _dense_colmass_ws_kernel[(grid,)](
+        q, k, v, q_desc, k_desc, v_desc, o, lse, lse_prev, cs, lse if kb is None else kb, redo, part_o, part_l,
+        key_bias_stride, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        H, Nq, Nk, num_groups, group_size, first_split, n_units, scale * _LOG2E,
         D=D, HAS_KB=kb is not None, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"],
-        N_CONSUMERS=n_consumers, CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=4, maxnreg=_MAXNREG)
+        N_CONSUMERS=n_consumers, CONSUMER_REGS=cfg["CONSUMER_REGS"], TMA=use_tma, num_warps=4, maxnreg=_MAXNREG)
     return first_split, part_o, part_l, part_rows

@@ -177,27 +177,72 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, REDO, PART_O, PART_L, first_split,
-                       part_rows,
+                       part_rows, n_split_tiles,
                        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                        HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr,
                        MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHOR: tl.constexpr, ANCHORED: tl.constexpr,
                        HAS_KB: tl.constexpr, HAS_REDO: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAG_BLOCK: tl.constexpr = 1024):
     if HAS_REDO:
-        # Pass after the Gluon anchored kernel: groups it ran split in two get their halves added here; groups
-        # it flagged (REDO[bh, g] != 0) and split groups whose summed normaliser is out of range are recomputed
-        # below with the online softmax; every other program returns at once.
-        g = (pid_m * BLOCK_M) // group_size
-        item = pid_bh * num_groups + g
-        if item >= first_split:
-            finished = _add_split_halves(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, item - first_split,
-                                         part_rows, Nq, group_size, DV, DV_PAD, BLOCK_M)
+        # Pass after the Gluon anchored kernel (work items = blocks of group_size rows, a multiple of BLOCK_M).
+        # Programs below n_split_tiles each add the halves of one BLOCK_M-row tile of an
+        # item the Gluon kernel ran split in two; the rest each scan FLAG_BLOCK items' redo flags at once and
+        # recompute the flagged ones (rare: the anchor was far off). Tiles needing it, also split tiles whose
+        # summed normaliser is out of range, are recomputed with the online softmax.
+        pid = tl.program_id(0)
+        tiles_per_item = group_size // BLOCK_M
+        if pid < n_split_tiles:
+            item = first_split + pid // tiles_per_item
+            pid_bh = (item // num_groups).to(tl.int64)
+            g = item % num_groups
+            pid_m = g * tiles_per_item + pid % tiles_per_item
+            if pid_m * BLOCK_M < Nq:
+                if not _add_split_halves(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, item - first_split,
+                                         part_rows, Nq, group_size, DV, DV_PAD, BLOCK_M):
+                    _dense_rows(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb, stride_qb, stride_qh, stride_qn,
+                                stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+                                stride_vd, H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, pid_m, pid_bh,
+                                D, DV, D_PAD, DV_PAD, HAS_CS, PRECISION, SINGLE_GROUP, MAX_G, CS_MODE, ANCHORED,
+                                HAS_KB, BLOCK_M, BLOCK_N)
         else:
-            finished = tl.load(REDO + item) == 0
-        if finished:
-            return
+            # REDO [items, 4]: one flag per 64 rows of an item (the Gluon kernel's consumers), the rest unused.
+            items = (pid - n_split_tiles) * FLAG_BLOCK + tl.arange(0, FLAG_BLOCK)
+            col = tl.arange(0, 4)
+            used = (col * 64 < group_size)[None, :]
+            flags = tl.load(REDO + items[:, None] * 4 + col[None, :], mask=(items < first_split)[:, None] & used,
+                            other=0)
+            if tl.max(tl.max(flags, 1), 0) != 0:
+                blk = pid - n_split_tiles
+                for i in range(blk * FLAG_BLOCK, tl.minimum((blk + 1) * FLAG_BLOCK, first_split)):
+                    if tl.max(tl.load(REDO + i * 4 + col, mask=col * 64 < group_size, other=0), 0) != 0:
+                        pid_bh = (i // num_groups).to(tl.int64)
+                        g = i % num_groups
+                        for r in range(tiles_per_item):
+                            pid_m = g * tiles_per_item + r
+                            if pid_m * BLOCK_M < Nq:
+                                _dense_rows(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb, stride_qb, stride_qh,
+                                            stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                                            stride_vb, stride_vh, stride_vn, stride_vd, H, kv_group, Nq, Nk,
+                                            num_groups, group_size, qk_scale, pid_m, pid_bh, D, DV, D_PAD, DV_PAD,
+                                            HAS_CS, PRECISION, SINGLE_GROUP, MAX_G, CS_MODE, ANCHORED, HAS_KB,
+                                            BLOCK_M, BLOCK_N)
+    else:
+        _dense_rows(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb, stride_qb, stride_qh, stride_qn, stride_qd,
+                    stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                    H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, tl.program_id(0),
+                    tl.program_id(1).to(tl.int64), D, DV, D_PAD, DV_PAD, HAS_CS, PRECISION, SINGLE_GROUP, MAX_G,
+                    CS_MODE, ANCHORED, HAS_KB, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dense_rows(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb, stride_qb, stride_qh, stride_qn, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, pid_m, pid_bh,
+                D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr, MAX_G: tl.constexpr,
+                CS_MODE: tl.constexpr, ANCHORED: tl.constexpr, HAS_KB: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows pid_m * BLOCK_M ... of head pid_bh: O, LSE and (HAS_CS) their column mass over all keys."""
     b = pid_bh // H
     h = pid_bh % H
     hk = h // kv_group
@@ -264,6 +309,9 @@ ANCHOR = 1  # likewise: anchor the softmax on lse_prev when it is given (exact e
 _DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # The redo pass behind the Gluon kernel: 64-row programs (each inside one query group), online softmax.
 _REDO_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 0, "num_warps": 4, "num_stages": 3}
+# Its programs: one per split tile, and one per _FLAG_BLOCK items' redo flags (a vector load; a launch of one
+# program per tile cost 12 / 17 us at N4608 / N16896 on an H100, mostly flag reads at ~3 resident programs per SM).
+_FLAG_BLOCK = 1024
 # Measured on H100 (benchmarks/KERNEL_NOTES.md, sweep of 6 tilings x 2 formulations x anchoring): with column mass
 # the anchored 64-row single-group tiles (one tl.sum per tile) are fastest (N4608 0.73 ms, N16896 9.35 ms vs
 # 0.81 / 9.75 for the best online-softmax variant); 128-row tiles need the tensor-core reduction (mode 2).
@@ -364,8 +412,13 @@ def finish_gluon_dense_step(q, k, v, scale: float, lse_prev, group_size: int, o,
     B, H, Nq, _ = q.shape
     kb = key_bias_scaled
     args = _kernel_args(q, k, v, scale, o, lse, lse_prev, lse, kb, key_bias_stride, group_size)
-    _dense_attn[(triton.cdiv(Nq, 64), B * H)](*args, redo, part_o, part_l, first_split, part_rows,
-                                              **dict(_kernel_meta(q, v, False, kb), HAS_REDO=True), **_REDO_CONFIG)
+    assert group_size % _REDO_CONFIG["BLOCK_M"] == 0, group_size
+    split_tiles = (redo.shape[0] - first_split) * (group_size // _REDO_CONFIG["BLOCK_M"])
+    flag_blocks = triton.cdiv(first_split, _FLAG_BLOCK)
+    if split_tiles + flag_blocks:
+        _dense_attn[(split_tiles + flag_blocks, 1)](*args, redo, part_o, part_l, first_split, part_rows,
+                                                    split_tiles, **dict(_kernel_meta(q, v, False, kb), HAS_REDO=True),
+                                                    FLAG_BLOCK=_FLAG_BLOCK, **_REDO_CONFIG)
 
 
 def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None,
@@ -410,12 +463,12 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
         cs = torch.empty((1,), dtype=torch.float32, device=q.device)
     kb, kb_stride = scaled_key_bias(key_bias, B, Nk, scale)
     if ws is not None:
-        redo = torch.zeros(B * H * num_groups, dtype=torch.int32, device=q.device)
+        redo = torch.empty((B * H * num_groups, 4), dtype=torch.int32, device=q.device)
         split = ws.dense_colmass_ws(q, k, v, scale, lse_prev, group_size, o, lse, cs, redo, kb, kb_stride,
                                     config=ws_config)
         finish_gluon_dense_step(q, k, v, scale, lse_prev, group_size, o, lse, redo, *split, kb, kb_stride)
         return o, lse, cs
-    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, cs, kb, kb_stride, group_size) + (lse, lse, lse, 0, 0)
+    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, cs, kb, kb_stride, group_size) + (lse, lse, lse, 0, 0, 0)
     meta = _kernel_meta(q, v, has_cs, kb)
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG

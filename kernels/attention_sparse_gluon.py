@@ -135,14 +135,14 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     kb_off = b * stride_kbb
 
     dtype: gl.constexpr = Q.dtype.element_ty
-    k_bufs, v_bufs, q_bufs, ready_bars, empty_bars = _allocate_ring(dtype, D, BLOCK_N, NUM_STAGES, N_CONSUMERS)
+    k_bufs, v_bufs, q_bufs, ready_bars, empty_bars = _allocate_ring(dtype, D, BLOCK_N, NUM_STAGES, N_CONSUMERS, False)
 
     # Partition argument tuples are spelled out per call: held in a variable or concatenated, a tuple loses its
     # constexprs (they become runtime values or plain ints that warp_specialize cannot pass).
     if N_CONSUMERS == 3:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, D, BLOCK_N,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, 0, D, BLOCK_N,
                          NUM_STAGES, True, 0)),
             (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
@@ -160,7 +160,7 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     elif N_CONSUMERS == 2:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, D, BLOCK_N,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, 0, D, BLOCK_N,
                          NUM_STAGES, True, 0)),
             (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
@@ -174,7 +174,7 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     else:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, D, BLOCK_N,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, 0, D, BLOCK_N,
                          NUM_STAGES, True, 0)),
             (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,

@@ -14,7 +14,7 @@ import os
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, mbarrier, tma
 
 PRODUCER_THREADS = gl.constexpr(128)  # the 4-warp default partition
 
@@ -29,10 +29,12 @@ def row_layout(D):
 @gluon.jit
 def kv_ring_producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel,
                      stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                     colbuf, CS, cs_off,
+                     colbuf, CS, cs_off, first_tile,
                      D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, GATHER: gl.constexpr,
                      N_COLSUMS: gl.constexpr):
     """Fills the ring with K/V row tiles: the rows named by IDX[idx_row, :n_sel] (GATHER) or rows 0..n_sel-1.
+    first_tile: how many tiles earlier calls (a persistent CTA's previous work) put through the ring; every call
+    ends with its tiles consumed, when it flushes column sums.
 
     N_COLSUMS > 0: each consumer c leaves its per-key partial sums for the slot's tile in colbuf[4 * slot + c]
     before releasing the slot; once all have, the producer adds them and stores CS[cs_off + key] (one plain
@@ -45,8 +47,8 @@ def kv_ring_producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, i
     idx_base = IDX + idx_row * n_sel
     n_tiles = gl.cdiv(n_sel, BLOCK_N)
     for i in range(n_tiles):
-        slot = i % NUM_STAGES
-        phase = (i // NUM_STAGES) & 1
+        slot = (first_tile + i) % NUM_STAGES
+        phase = ((first_tile + i) // NUM_STAGES) & 1
         cols = i * BLOCK_N + offs_n
         # Tail indices read key row 0 (always valid memory); the consumers mask their scores.
         if GATHER:
@@ -64,9 +66,51 @@ def kv_ring_producer(K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, i
         async_copy.async_copy_global_to_shared(v_bufs.index(slot), v_ptrs)
         async_copy.mbarrier_arrive(ready_bars.index(slot), increment_count=False)
     if N_COLSUMS > 0:  # the last tiles still in the ring
-        for j in range(gl.maximum(n_tiles - NUM_STAGES, 0), n_tiles):
-            mbarrier.wait(empty_bars.index(j % NUM_STAGES), (j // NUM_STAGES) & 1)
-            _flush_colsums(colbuf, (j % NUM_STAGES) * 4, CS, cs_off, j * BLOCK_N, n_sel, BLOCK_N, N_COLSUMS)
+        _drain_colsums(empty_bars, colbuf, CS, cs_off, first_tile, n_tiles, n_sel, BLOCK_N, NUM_STAGES, N_COLSUMS)
+
+
+@gluon.jit
+def kv_ring_producer_tma(k_desc, v_desc, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, key_lo, n_keys,
+                         colbuf, CS, cs_off, first_tile, TILE_BYTES: gl.constexpr, BLOCK_N: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, N_COLSUMS: gl.constexpr):
+    """kv_ring_producer for contiguous key ranges through TMA: keys key_lo .. key_lo + n_keys - 1 of (b, hk), one
+    bulk copy per tile of K and of V (descriptors over [B, H, N, D], blocks [1, 1, BLOCK_N, D]), rows past the end
+    of the keys zero-filled by the copy engine. The ready barriers count one arrival (the expected bytes); the
+    column-sum flush is kv_ring_producer's."""
+    n_tiles = gl.cdiv(n_keys, BLOCK_N)
+    b = b.to(gl.int32)  # TMA coordinates are 32-bit
+    hk = hk.to(gl.int32)
+    for i in range(n_tiles):
+        slot = (first_tile + i) % NUM_STAGES
+        mbarrier.wait(empty_bars.index(slot), (((first_tile + i) // NUM_STAGES) & 1) ^ 1)
+        if N_COLSUMS > 0:
+            if i >= NUM_STAGES:
+                _flush_colsums(colbuf, slot * 4, CS, cs_off, (i - NUM_STAGES) * BLOCK_N, n_keys, BLOCK_N, N_COLSUMS)
+        bar = ready_bars.index(slot)
+        mbarrier.expect(bar, 2 * TILE_BYTES)
+        tma.async_copy_global_to_shared(k_desc, [b, hk, key_lo + i * BLOCK_N, 0], bar, k_bufs.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [b, hk, key_lo + i * BLOCK_N, 0], bar, v_bufs.index(slot))
+    if N_COLSUMS > 0:
+        _drain_colsums(empty_bars, colbuf, CS, cs_off, first_tile, n_tiles, n_keys, BLOCK_N, NUM_STAGES, N_COLSUMS)
+
+
+@gluon.jit
+def kv_tile(bufs, slot, BLOCK_N: gl.constexpr, D: gl.constexpr, TMA: gl.constexpr):
+    """Ring slot ``slot`` as the [BLOCK_N, D] wgmma operand (TMA rings hold [1, 1, BLOCK_N, D] blocks)."""
+    if TMA:
+        return bufs.index(slot).reshape([BLOCK_N, D])
+    else:
+        return bufs.index(slot)
+
+
+@gluon.jit
+def _drain_colsums(empty_bars, colbuf, CS, cs_off, first_tile, n_tiles, n, BLOCK_N: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, N_COLSUMS: gl.constexpr):
+    # The column sums of the last tiles still in the ring, once the consumers release them.
+    for j in range(gl.maximum(n_tiles - NUM_STAGES, 0), n_tiles):
+        slot = (first_tile + j) % NUM_STAGES
+        mbarrier.wait(empty_bars.index(slot), ((first_tile + j) // NUM_STAGES) & 1)
+        _flush_colsums(colbuf, slot * 4, CS, cs_off, j * BLOCK_N, n, BLOCK_N, N_COLSUMS)
 
 
 @gluon.jit
@@ -81,19 +125,30 @@ def _flush_colsums(colbuf, first, CS, cs_off, start, n, BLOCK_N: gl.constexpr, N
 
 @gluon.jit
 def allocate_kv_ring(dtype: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     N_CONSUMERS: gl.constexpr):
+                     N_CONSUMERS: gl.constexpr, TMA: gl.constexpr):
     """Shared memory of the ring and the consumers' query tiles, barriers initialised:
-    (k_bufs, v_bufs [NUM_STAGES, BLOCK_N, D], q_bufs [N_CONSUMERS, 64, D], ready_bars, empty_bars)."""
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+    (k_bufs, v_bufs [NUM_STAGES, BLOCK_N, D] or, for TMA, [NUM_STAGES, 1, 1, BLOCK_N, D] (``kv_tile`` gives the
+    2-D operand), q_bufs [N_CONSUMERS, 64, D] (TMA: [N_CONSUMERS, 1, 1, 64, D]), ready_bars, empty_bars)."""
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], dtype)
-    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout)
-    q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout)
+    if TMA:
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, D], dtype)
+        k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, D], kv_layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, D], kv_layout)
+    else:
+        kv_layout2: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+        k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout2)
+        v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout2)
+    if TMA:
+        q_layout4: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, 64, D], dtype)
+        q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 1, 1, 64, D], q_layout4)
+    else:
+        q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout)
     ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
-        # ready: one (asynchronous) arrival per producer thread; empty: one arrival per consumer warpgroup.
-        mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)
+        # ready: one (asynchronous) arrival per producer thread, or the TMA byte count; empty: one arrival per
+        # consumer warpgroup.
+        mbarrier.init(ready_bars.index(i), count=1 if TMA else PRODUCER_THREADS)
         mbarrier.init(empty_bars.index(i), count=N_CONSUMERS)
     return k_bufs, v_bufs, q_bufs, ready_bars, empty_bars
 
