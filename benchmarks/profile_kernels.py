@@ -25,9 +25,9 @@ from chipmunk_compile.kernels import selection_triton as select_tr
 DEV, BF16, GROUP, TOKEN_BLOCK = "cuda", torch.bfloat16, 192, 128
 
 
-def dense_workloads(H=24, D=128):
+def dense_workloads(sizes=(4608, 16896), H=24, D=128):
     runs = []
-    for N in (4608, 16896):
+    for N in sizes:
         q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
         _, lse, _ = dense_tr.dense_attention_lse_colmass(q, k, v, D ** -0.5, None, GROUP)
         runs.append(lambda q=q, k=k, v=v, lse=lse: dense_tr.dense_attention_lse_colmass(q, k, v, D ** -0.5, lse,
@@ -62,10 +62,12 @@ def mlp_workloads(N=16896, C=3072, Fh=12288, sparsity=0.7):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="dense,mlp,selection")
-    parts = set(parser.parse_args().only.split(","))
+    parser.add_argument("--dense-n", default="4608,16896", help="sequence lengths of the dense-step workloads")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
     runs = []
     if "dense" in parts:
-        runs += dense_workloads()
+        runs += dense_workloads(tuple(int(n) for n in args.dense_n.split(",")))
     if "mlp" in parts or "selection" in parts:
         mlp, sel = mlp_workloads()
         runs += (mlp if "mlp" in parts else []) + (sel if "selection" in parts else [])

@@ -4,9 +4,9 @@ Same result as ``attention_dense_triton.dense_attention_lse_colmass`` with ``lse
 reference ``attention_reference.dense_attention_lse_colmass``): O, the per-query LSE and, from the same scores,
 the column mass cs[b, h, g, j] = sum over the queries i of group g of exp(s_ij - lse_prev_i).
 
-    before (Triton, 64-row programs)                after (this kernel, one CTA per 192-query group)
-    prog r: S = Q_r K^T [queries, keys]             producer warpgroup: K/V tiles -> ring (cp.async); adds the
-            p = exp(S - lse_prev), O += p V           consumers' per-key partial sums of a slot, stores cs once
+    before (Triton, 64-row programs)                after (this kernel, persistent CTAs, one 192-query group at a time)
+    prog r: S = Q_r K^T [queries, keys]             producer warpgroup: Q tiles and K/V tiles -> ring (TMA); adds
+            p = exp(S - lse_prev), O += p V           the consumers' per-key partial sums of a slot, stores cs once
             cs[g] += colsum(p): a reduction         consumer warpgroups 0..2 (64 queries each), per shared tile:
             across lanes and warps, atomics (x3)      S^T = K Q_c^T [keys, queries] (wgmma)
                                                       P^T = exp2(S^T c - lse_prev)  (anchored: no max, no rescale)
@@ -19,15 +19,20 @@ atomics, no zero-filled output). The per-query normaliser l (a sum over keys) is
 reduced once at the end. The softmax is anchored on the previous dense step's LSE (p is at once the attention
 weight and the column-mass term); LSE = lse_prev + log(l). Exact for any anchor: a group whose row normalisers
 leave [2^-60, 2^100] (the logits moved by more than ~40 nats since the previous dense step) is flagged, and the
-Triton kernel's online softmax recomputes O and LSE for the flagged groups only (a second launch whose other
-programs return at once); the column mass is complete either way. Query rows past the sequence end get an
-infinite anchor, so they add nothing to the column mass.
+Triton kernel's online softmax recomputes O and LSE for the flagged groups only (a second launch that scans the
+flags); the column mass is complete either way. Query rows past the sequence end get an infinite anchor, so
+they add nothing to the column mass.
 
-Last-wave split (``split_count``): with one CTA per group, a last wave that fills at most half the SMs would
-leave the rest idle for a whole group's time (576 groups = 4.4 waves on 132 SMs). Those last groups run as two
-CTAs each, over the first and second half of the key tiles: each writes its keys' column mass directly and its
-unnormalised O^T and l to scratch; with the same anchor the halves simply add, which the second launch does
-(O = (O_0 + O_1) / (l_0 + l_1), LSE = lse_prev + log(l_0 + l_1), recomputed online if that sum is out of range).
+Data movement: K/V tiles and the query tiles come by TMA (descriptors over [B, H, N, D], any 16-byte-aligned
+strides; rows past the end zero-filled): the first version's cp.async copies from the producer's threads were
+half of the shared-memory (LSU) traffic that bounded it (Nsight Compute, H100). The CTAs are persistent (one per
+SM, looping over the groups), so the next group's query and K/V tiles load while the consumers finish the last.
+
+Tail (``split_count``, ``tail_pieces``): with one group per CTA-turn, the last, partial wave would leave SMs idle
+for up to a group's time (576 groups = 4.4 waves on 132 SMs). The key tiles of those last groups are instead cut
+into one equal range per SM (stream-K style); each piece writes its keys' column mass directly and its
+unnormalised O^T and l to scratch; with the same anchor the pieces simply add, which the second launch does
+(O = sum O_j / sum l_j, LSE = lse_prev + log(sum l_j), recomputed online if that sum is out of range).
 
 Supported here: CUDA capability 9.x, bf16/fp16, head dim 64 or 128 (q, k, v alike, same head count), unit-stride
 16-byte aligned rows, group_size 64, 128 or 192. Anything else takes the Triton kernel (``supports``).
@@ -56,24 +61,33 @@ _ROWS = 64
 
 
 @gluon.jit
-def _unit_coords(u, first_split, num_groups, Nk, BLOCK_N: gl.constexpr, N_CONSUMERS: gl.constexpr):
-    """Work unit u -> (pid_bh, g, key_lo, n_keys, part_row). Units are the work items t = g + num_groups * (b * H +
-    h) in order, except that items from first_split on (the last, partial wave) are two units each, one per half
-    of the key tiles; part_row: the first scratch row of such a half's partial O and l, negative otherwise."""
-    split = u >= first_split
-    j = gl.maximum(u - first_split, 0)  # split unit j: item first_split + j // 2, key half j % 2
-    half = gl.cdiv(gl.cdiv(Nk, BLOCK_N), 2) * BLOCK_N
-    t = gl.where(split, first_split + j // 2, u)
-    key_lo = gl.where(split, (j % 2) * half, 0)
-    n_keys = gl.where(split, half + (j % 2) * (Nk - 2 * half), Nk)
-    part_row = gl.where(split, j * (N_CONSUMERS * 64), -1024)
-    return (t // num_groups).to(gl.int64), t % num_groups, key_lo, n_keys, part_row
+def _unit_coords(u, first_split, n_tail, num_groups, Nk, tail_ctas, BLOCK_N: gl.constexpr,
+                 N_CONSUMERS: gl.constexpr):
+    """Work unit u -> (pid_bh, g, key_lo, n_keys, part_row). Units below first_split are the work items t = g +
+    num_groups * (b * H + h) in order; the n_tail items after them (the last, partial wave) are shared out as
+    ``tail_pieces`` describes: unit first_split + j is piece j (n_keys <= 0: empty). part_row: the first scratch
+    row of a piece's partial O and l, negative for whole items."""
+    tail = u >= first_split
+    j = gl.maximum(u - first_split, 0)
+    n_t = gl.cdiv(Nk, BLOCK_N)
+    c = (j % tail_ctas).to(gl.int64)
+    w = n_tail.to(gl.int64) * n_t
+    lo = c * w // tail_ctas
+    hi = (c + 1) * w // tail_ctas
+    item_rel = lo // n_t + j // tail_ctas
+    tile_lo = gl.maximum(lo, item_rel * n_t) - item_rel * n_t
+    tile_hi = gl.minimum(hi, (item_rel + 1) * n_t) - item_rel * n_t
+    t = gl.where(tail, first_split + item_rel, u)
+    key_lo = gl.where(tail, tile_lo * BLOCK_N, 0).to(gl.int32)
+    n_keys = gl.where(tail, gl.minimum(tile_hi * BLOCK_N, Nk) - tile_lo * BLOCK_N, Nk).to(gl.int32)
+    part_row = gl.where(tail, j * (N_CONSUMERS * 64), -1024)
+    return (t // num_groups).to(gl.int64), (t % num_groups).to(gl.int32), key_lo, n_keys, part_row
 
 
 @gluon.jit
 def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_bufs, v_bufs, ready_bars, empty_bars,
-                      q_ready, q_empty, pt_smem, colbuf, wg, n_units, first_split, H, num_groups, group_size, Nq, Nk,
-                      qk_scale,
+                      q_ready, q_empty, pt_smem, colbuf, wg, n_units, first_split, n_tail, tail_ctas, H, num_groups,
+                      group_size, Nq, Nk, qk_scale,
                       stride_kbb, stride_qb, stride_qh, stride_qn, D: gl.constexpr, BLOCK_N: gl.constexpr,
                       NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr, TMA: gl.constexpr,
                       N_CONSUMERS: gl.constexpr):
@@ -81,16 +95,18 @@ def _colmass_consumer(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_b
     first_tile = 0
     n_done = 0
     for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
-        pid_bh, g, key_lo, n_keys, part_row = _unit_coords(u, first_split, num_groups, Nk, BLOCK_N, N_CONSUMERS)
-        b = pid_bh // H
-        row0 = g * group_size + 64 * wg
-        _colmass_unit(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_bufs, v_bufs, ready_bars,
-                      empty_bars, q_ready, q_empty, n_done & 1, pt_smem, colbuf, wg, b, pid_bh % H, pid_bh,
-                      pid_bh * num_groups + g, gl.where(part_row >= 0, part_row + 64 * wg, part_row), row0,
-                      gl.minimum(g * group_size + group_size, Nq), Nq, n_keys, b * stride_kbb + key_lo, qk_scale,
-                      first_tile, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA)
-        first_tile += gl.cdiv(n_keys, BLOCK_N)
-        n_done += 1
+        pid_bh, g, key_lo, n_keys, part_row = _unit_coords(u, first_split, n_tail, num_groups, Nk, tail_ctas, BLOCK_N,
+                                                           N_CONSUMERS)
+        if n_keys > 0:  # (an empty tail piece is skipped by the producer too)
+            b = pid_bh // H
+            row0 = g * group_size + 64 * wg
+            _colmass_unit(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_smem, k_bufs, v_bufs, ready_bars,
+                          empty_bars, q_ready, q_empty, n_done & 1, pt_smem, colbuf, wg, b, pid_bh % H, pid_bh,
+                          pid_bh * num_groups + g, gl.where(part_row >= 0, part_row + 64 * wg, part_row), row0,
+                          gl.minimum(g * group_size + group_size, Nq), Nq, n_keys, b * stride_kbb + key_lo,
+                          qk_scale, first_tile, stride_qb, stride_qh, stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA)
+            first_tile += gl.cdiv(n_keys, BLOCK_N)
+            n_done += 1
 
 
 @gluon.jit
@@ -177,7 +193,8 @@ def _colmass_unit(Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_buf, k_bufs, 
 
 @gluon.jit
 def _dense_producer(K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars, q_ready, q_empty,
-                    colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk, stride_kb, stride_kh, stride_kn,
+                    colbuf, CS, n_units, first_split, n_tail, tail_ctas, H, num_groups, group_size, Nk, stride_kb,
+                    stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
                     D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr,
                     TMA: gl.constexpr):
@@ -186,32 +203,36 @@ def _dense_producer(K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_
     first_tile = 0
     n_done = 0
     for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
-        pid_bh, g, key_lo, n_keys, part_row = _unit_coords(u, first_split, num_groups, Nk, BLOCK_N, N_CONSUMERS)
-        b = pid_bh // H
-        h = pid_bh % H
-        cs_off = (pid_bh * num_groups + g) * Nk + key_lo
-        if TMA:
-            for c in gl.static_range(N_CONSUMERS):  # query tiles (rows past the end zero-filled)
-                mbarrier.wait(q_empty.index(c), (n_done & 1) ^ 1)
-                mbarrier.expect(q_ready.index(c), 64 * D * K.dtype.element_ty.primitive_bitwidth // 8)
-                tma.async_copy_global_to_shared(Q_DESC, [b.to(gl.int32), h.to(gl.int32), g * group_size + 64 * c, 0],
-                                                q_ready.index(c), q_bufs.index(c))
-            _producer_tma(K_DESC, V_DESC, k_bufs, v_bufs, ready_bars, empty_bars, b, h, key_lo, n_keys, colbuf, CS,
-                          cs_off, first_tile, BLOCK_N * D * K.dtype.element_ty.primitive_bitwidth // 8, BLOCK_N,
-                          NUM_STAGES, N_CONSUMERS)
-        else:
-            _producer(K + key_lo.to(gl.int64) * stride_kn, V + key_lo.to(gl.int64) * stride_vn, K, k_bufs, v_bufs,
-                      ready_bars, empty_bars, b, h, 0, n_keys, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                      stride_vn, colbuf, CS, cs_off, first_tile, D, BLOCK_N, NUM_STAGES, False, N_CONSUMERS)
-        first_tile += gl.cdiv(n_keys, BLOCK_N)
-        n_done += 1
+        pid_bh, g, key_lo, n_keys, part_row = _unit_coords(u, first_split, n_tail, num_groups, Nk, tail_ctas, BLOCK_N,
+                                                           N_CONSUMERS)
+        if n_keys > 0:
+            b = pid_bh // H
+            h = pid_bh % H
+            cs_off = (pid_bh * num_groups + g) * Nk + key_lo
+            if TMA:
+                for c in gl.static_range(N_CONSUMERS):  # query tiles (rows past the end zero-filled)
+                    mbarrier.wait(q_empty.index(c), (n_done & 1) ^ 1)
+                    mbarrier.expect(q_ready.index(c), 64 * D * K.dtype.element_ty.primitive_bitwidth // 8)
+                    tma.async_copy_global_to_shared(Q_DESC, [b.to(gl.int32), h.to(gl.int32),
+                                                             g * group_size + 64 * c, 0],
+                                                    q_ready.index(c), q_bufs.index(c))
+                _producer_tma(K_DESC, V_DESC, k_bufs, v_bufs, ready_bars, empty_bars, b, h, key_lo, n_keys, colbuf,
+                              CS, cs_off, first_tile, BLOCK_N * D * K.dtype.element_ty.primitive_bitwidth // 8,
+                              BLOCK_N, NUM_STAGES, N_CONSUMERS)
+            else:
+                _producer(K + key_lo.to(gl.int64) * stride_kn, V + key_lo.to(gl.int64) * stride_vn, K, k_bufs,
+                          v_bufs, ready_bars, empty_bars, b, h, 0, n_keys, stride_kb, stride_kh, stride_kn, stride_vb,
+                          stride_vh, stride_vn, colbuf, CS, cs_off, first_tile, D, BLOCK_N, NUM_STAGES, False,
+                          N_CONSUMERS)
+            first_tile += gl.cdiv(n_keys, BLOCK_N)
+            n_done += 1
 
 
 @gluon.jit
-def _dense_colmass_ws_kernel(Q, K, V, Q_DESC, K_DESC, V_DESC, O, LSE, LSE_PREV, CS, KB, REDO, PART_O, PART_L, stride_kbb,
-                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+def _dense_colmass_ws_kernel(Q, K, V, Q_DESC, K_DESC, V_DESC, O, LSE, LSE_PREV, CS, KB, REDO, PART_O, PART_L,
+                             stride_kbb, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn,
-                             H, Nq, Nk, num_groups, group_size, first_split, n_units, qk_scale,
+                             H, Nq, Nk, num_groups, group_size, first_split, n_tail, tail_ctas, n_units, qk_scale,
                              D: gl.constexpr, HAS_KB: gl.constexpr, BLOCK_N: gl.constexpr,
                              NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                              TMA: gl.constexpr):
@@ -234,51 +255,54 @@ def _dense_colmass_ws_kernel(Q, K, V, Q_DESC, K_DESC, V_DESC, O, LSE, LSE_PREV, 
     if N_CONSUMERS == 3:
         gl.warp_specialize([
             (_dense_producer, (K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars,
-                               q_ready, q_empty, colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk,
+                               q_ready, q_empty, colbuf, CS, n_units, first_split, n_tail, tail_ctas, H, num_groups,
+                               group_size, Nk,
                                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N,
                                NUM_STAGES, N_CONSUMERS, TMA)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
                                  ready_bars, empty_bars, q_ready.index(0), q_empty.index(0), pt_bufs.index(0),
-                                 colbuf, 0, n_units, first_split, H,
+                                 colbuf, 0, n_units, first_split, n_tail, tail_ctas, H,
                                  num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
                                  stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(1), k_bufs, v_bufs,
                                  ready_bars, empty_bars, q_ready.index(1), q_empty.index(1), pt_bufs.index(1),
-                                 colbuf, 1, n_units, first_split, H,
+                                 colbuf, 1, n_units, first_split, n_tail, tail_ctas, H,
                                  num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
                                  stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(2), k_bufs, v_bufs,
                                  ready_bars, empty_bars, q_ready.index(2), q_empty.index(2), pt_bufs.index(2),
-                                 colbuf, 2, n_units, first_split, H,
+                                 colbuf, 2, n_units, first_split, n_tail, tail_ctas, H,
                                  num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
                                  stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
     elif N_CONSUMERS == 2:
         gl.warp_specialize([
             (_dense_producer, (K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars,
-                               q_ready, q_empty, colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk,
+                               q_ready, q_empty, colbuf, CS, n_units, first_split, n_tail, tail_ctas, H, num_groups,
+                               group_size, Nk,
                                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N,
                                NUM_STAGES, N_CONSUMERS, TMA)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
                                  ready_bars, empty_bars, q_ready.index(0), q_empty.index(0), pt_bufs.index(0),
-                                 colbuf, 0, n_units, first_split, H,
+                                 colbuf, 0, n_units, first_split, n_tail, tail_ctas, H,
                                  num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
                                  stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(1), k_bufs, v_bufs,
                                  ready_bars, empty_bars, q_ready.index(1), q_empty.index(1), pt_bufs.index(1),
-                                 colbuf, 1, n_units, first_split, H,
+                                 colbuf, 1, n_units, first_split, n_tail, tail_ctas, H,
                                  num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
                                  stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_dense_producer, (K, V, K_DESC, V_DESC, Q_DESC, k_bufs, v_bufs, q_bufs, ready_bars, empty_bars,
-                               q_ready, q_empty, colbuf, CS, n_units, first_split, H, num_groups, group_size, Nk,
+                               q_ready, q_empty, colbuf, CS, n_units, first_split, n_tail, tail_ctas, H, num_groups,
+                               group_size, Nk,
                                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, D, BLOCK_N,
                                NUM_STAGES, N_CONSUMERS, TMA)),
             (_colmass_consumer, (Q, KB, LSE_PREV, O, LSE, REDO, PART_O, PART_L, q_bufs.index(0), k_bufs, v_bufs,
                                  ready_bars, empty_bars, q_ready.index(0), q_empty.index(0), pt_bufs.index(0),
-                                 colbuf, 0, n_units, first_split, H,
+                                 colbuf, 0, n_units, first_split, n_tail, tail_ctas, H,
                                  num_groups, group_size, Nq, Nk, qk_scale, stride_kbb, stride_qb, stride_qh,
                                  stride_qn, D, BLOCK_N, NUM_STAGES, HAS_KB, TMA, N_CONSUMERS)),
         ], [4], [CONSUMER_REGS])
@@ -323,29 +347,47 @@ def kv_tile_descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
 
 
 def split_count(work_items: int, key_tiles: int, num_sms: int, forced: int | None = None) -> int:
-    """How many of the last work items (query groups) run as two CTAs over half the key tiles each.
+    """How many of the last work items (query groups) are shared out over all SMs (``tail_pieces``).
 
-    One CTA per group fills the SMs in waves; a last wave at most half full would leave the other SMs idle for a
-    whole group's time, while its groups split in two finish in half that time (e.g. 576 groups on 132 SMs: 4
-    full waves + 48 groups -> 4.5 group-times instead of 5). ``forced`` (tests) splits that many instead."""
+    One CTA per group fills the SMs in waves; the last, partial wave would leave SMs idle for up to a whole group's
+    time, while its groups' key tiles spread evenly over every SM finish in a fraction of it (576 groups on 132 SMs:
+    4 full waves + 48 groups -> 4.36 group-times instead of 5). ``forced`` (tests) shares that many (at most one
+    per SM)."""
     if key_tiles < 2:
         return 0
     if forced is not None:
-        return max(0, min(forced, work_items))
-    rem = work_items % num_sms
-    return rem if rem <= num_sms // 2 else 0
+        return max(0, min(forced, work_items, num_sms))
+    return work_items % num_sms
+
+
+def tail_pieces(n_tail: int, key_tiles: int, ctas: int):
+    """The pieces of the n_tail last work items: their key tiles in order (item by item) are cut into ``ctas``
+    ranges [c * W // ctas, (c + 1) * W // ctas), W = n_tail * key_tiles; piece j = s * ctas + c is the part of
+    range c in its first (s = 0) or second (s = 1) item (a range is shorter than an item, as n_tail <= ctas).
+    Returns the non-empty pieces as (j, item index in the tail, first tile, end tile) - the Gluon kernel's unit
+    first_split + j and the scratch slot of its partial O and l (kept in Python for the tests)."""
+    w = n_tail * key_tiles
+    pieces = []
+    for j in range(2 * ctas):
+        c, s = j % ctas, j // ctas
+        lo, hi = c * w // ctas, (c + 1) * w // ctas
+        item = lo // key_tiles + s
+        t0, t1 = max(lo, item * key_tiles) - item * key_tiles, min(hi, (item + 1) * key_tiles) - item * key_tiles
+        if t1 > t0:
+            pieces.append((j, item, t0, t1))
+    return pieces
 
 
 def dense_colmass_ws(q, k, v, scale: float, lse_prev, group_size: int, o, lse, cs, redo,
                      key_bias_scaled=None, key_bias_stride: int = 0, config: dict | None = None):
     """Launch into the caller's o [B,H,Nq,D] (contiguous), lse [B,H,Nq], cs [B,H,G,Nk] and redo [B*H*G, 4] int32
     (uninitialised: column c of a whole group is set to 1 when the caller must recompute the group with the
-    online softmax, else 0, for c < ceil(group_size / 64); split groups and the other columns are left as they are).
+    online softmax, else 0, for c < ceil(group_size / 64); tail groups and the other columns are left as they are).
 
-    Returns (first_split, part_o, part_l, part_rows): work items t = g + G * (b * H + h) from first_split on ran
-    split in two; their unnormalised halves are part_o [2 * n_split * part_rows, D] and part_l [...] (fp32,
-    rows (2 * (t - first_split) + half) * part_rows + row in group), and o / lse for them are left to the caller
-    (the redo launch of ``attention_dense_triton`` adds the halves)."""
+    Returns (first_split, part_o, part_l, part_rows, tail_ctas, key_tiles): work items t = g + G * (b * H + h)
+    from first_split on ran in pieces (``tail_pieces(items - first_split, key_tiles, tail_ctas)``); piece j left
+    its unnormalised O and l in part_o [2 * tail_ctas * part_rows, D] / part_l rows j * part_rows + row in group
+    (fp32), and o / lse of those groups to the caller (the redo launch of ``attention_dense_triton`` adds them)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     num_groups = cs.shape[2]
@@ -354,22 +396,26 @@ def dense_colmass_ws(q, k, v, scale: float, lse_prev, group_size: int, o, lse, c
     items = B * H * num_groups
     n_consumers = -(-group_size // _ROWS)
     part_rows = n_consumers * _ROWS
-    n_split = split_count(items, -(-Nk // cfg["BLOCK_N"]), _sm_count(q.device.index or 0), cfg.get("SPLIT"))
-    first_split = items - n_split
-    part_o = torch.empty((max(1, 2 * n_split * part_rows), D), dtype=torch.float32, device=q.device)
-    part_l = torch.empty((max(1, 2 * n_split * part_rows),), dtype=torch.float32, device=q.device)
+    key_tiles = -(-Nk // cfg["BLOCK_N"])
+    sms = _sm_count(q.device.index or 0)
+    n_tail = split_count(items, key_tiles, sms, cfg.get("SPLIT"))
+    first_split = items - n_tail
+    tail_ctas = max(1, min(sms, n_tail * key_tiles))  # no empty ranges: each SM gets at least one key tile
+    n_units = first_split + (2 * tail_ctas if n_tail else 0)
+    part_o = torch.empty((max(1, 2 * tail_ctas * part_rows if n_tail else 1), D), dtype=torch.float32,
+                         device=q.device)
+    part_l = torch.empty((part_o.shape[0],), dtype=torch.float32, device=q.device)
     use_tma = bool(cfg["TMA"])
     if use_tma:
         q_desc, k_desc, v_desc = (kv_tile_descriptor(t, n) for t, n in ((q, _ROWS), (k, cfg["BLOCK_N"]),
                                                                         (v, cfg["BLOCK_N"])))
     else:
         q_desc, k_desc, v_desc = q, k, v
-    n_units = first_split + 2 * n_split
-    grid = n_units if not cfg["PERSISTENT"] else min(n_units, _sm_count(q.device.index or 0))
+    grid = n_units if not cfg["PERSISTENT"] else min(n_units, sms)
     _dense_colmass_ws_kernel[(grid,)](
         q, k, v, q_desc, k_desc, v_desc, o, lse, lse_prev, cs, lse if kb is None else kb, redo, part_o, part_l,
         key_bias_stride, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        H, Nq, Nk, num_groups, group_size, first_split, n_units, scale * _LOG2E,
+        H, Nq, Nk, num_groups, group_size, first_split, n_tail, tail_ctas, n_units, scale * _LOG2E,
         D=D, HAS_KB=kb is not None, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"],
         N_CONSUMERS=n_consumers, CONSUMER_REGS=cfg["CONSUMER_REGS"], TMA=use_tma, num_warps=4, maxnreg=_MAXNREG)
-    return first_split, part_o, part_l, part_rows
+    return first_split, part_o, part_l, part_rows, tail_ctas, key_tiles

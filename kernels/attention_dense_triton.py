@@ -148,24 +148,40 @@ def _attend_all_keys(q, k_base, v_base, kb_row, Nk, m_i, l_i, acc, lse_prev2, cs
 
 
 @triton.jit
-def _add_split_halves(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, split, part_rows, Nq, group_size,
-                      DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """O and LSE of a BLOCK_M-row tile of a group the Gluon kernel split over two key halves: both halves share
-    the anchor lse_prev, so O = (O_0 + O_1) / (l_0 + l_1) and LSE = lse_prev + log(l_0 + l_1). False (nothing
+def _add_tail_pieces(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, item_rel, part_rows, Nq, group_size,
+                     n_tail, tail_ctas, item_tiles, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                     MAX_PIECES: tl.constexpr):
+    """O and LSE of a BLOCK_M-row tile of tail item item_rel, which the Gluon kernel ran in pieces over key ranges
+    (``attention_dense_gluon.tail_pieces``): all share the anchor lse_prev, so O = sum O_j / sum l_j and LSE =
+    lse_prev + log(sum l_j). The pieces: the ranges c (of tail_ctas equal ranges over the tail's W key tiles)
+    that meet the item, piece slot s * tail_ctas + c with s = 0 where range c starts in this item. False (nothing
     stored) when a row's summed normaliser leaves the safe range: the caller then recomputes the tile."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < Nq
     offs_dv = tl.arange(0, DV_PAD)
-    rows0 = 2 * split * part_rows + (offs_m - g * group_size)
-    l_i = tl.load(PART_L + rows0, mask=m_valid, other=1.0) + tl.load(PART_L + rows0 + part_rows, mask=m_valid,
-                                                                      other=0.0)
+    w = n_tail * item_tiles
+    x0 = item_rel * item_tiles
+    # Range c holds tile x iff c * w // tail_ctas <= x < (c + 1) * w // tail_ctas.
+    c_first = ((x0 + 1) * tail_ctas + w - 1) // w - 1
+    c_last = ((x0 + item_tiles) * tail_ctas + w - 1) // w - 1
+    in_group = offs_m - g * group_size
+    o_mask = m_valid[:, None] & (offs_dv[None, :] < DV)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    # Unrolled (MAX_PIECES bounds c_last - c_first + 1), so all pieces' loads are in flight at once.
+    for i in tl.static_range(MAX_PIECES):
+        c = c_first + i
+        lo = c * w // tail_ctas
+        # (empty ranges exist when the tail has fewer tiles than ranges)
+        use = (c <= c_last) & ((c + 1) * w // tail_ctas > lo)
+        rows = (item_rel - lo // item_tiles) * tail_ctas * part_rows + c * part_rows + in_group
+        l_i += tl.load(PART_L + rows, mask=m_valid & use, other=0.0)
+        acc += tl.load(PART_O + rows.to(tl.int64)[:, None] * DV + offs_dv[None, :], mask=o_mask & use, other=0.0)
+    l_i = tl.where(m_valid, l_i, 1.0)
     bad = m_valid & ((l_i < 8.7e-19) | (l_i > 1.2e30) | (l_i != l_i))
     ok = tl.sum(bad.to(tl.int32)) == 0
-    o_mask = m_valid[:, None] & (offs_dv[None, :] < DV) & ok
-    p_ptrs = PART_O + rows0.to(tl.int64)[:, None] * DV + offs_dv[None, :]
-    acc = tl.load(p_ptrs, mask=o_mask, other=0.0) + tl.load(p_ptrs + part_rows * DV, mask=o_mask, other=0.0)
     o_ptrs = O + pid_bh * Nq * DV + offs_m[:, None] * DV + offs_dv[None, :]
-    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=o_mask)
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=o_mask & ok)
     anchor = tl.load(LSE_PREV + pid_bh * Nq + offs_m, mask=m_valid, other=0.0)
     tl.store(LSE + pid_bh * Nq + offs_m, anchor + tl.log(l_i), mask=m_valid & ok)
     return ok
@@ -177,16 +193,17 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, REDO, PART_O, PART_L, first_split,
-                       part_rows, n_split_tiles,
+                       part_rows, n_split_tiles, tail_ctas, item_tiles,
                        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                        HAS_CS: tl.constexpr, PRECISION: tl.constexpr, SINGLE_GROUP: tl.constexpr,
                        MAX_G: tl.constexpr, CS_MODE: tl.constexpr, ANCHOR: tl.constexpr, ANCHORED: tl.constexpr,
                        HAS_KB: tl.constexpr, HAS_REDO: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAG_BLOCK: tl.constexpr = 1024):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAG_BLOCK: tl.constexpr = 1024,
+                       MAX_PIECES: tl.constexpr = 1):
     if HAS_REDO:
         # Pass after the Gluon anchored kernel (work items = blocks of group_size rows, a multiple of BLOCK_M).
-        # Programs below n_split_tiles each add the halves of one BLOCK_M-row tile of an
-        # item the Gluon kernel ran split in two; the rest each scan FLAG_BLOCK items' redo flags at once and
+        # Programs below n_split_tiles each add the pieces of one BLOCK_M-row tile of an
+        # item the Gluon kernel ran in pieces (its tail); the rest each scan FLAG_BLOCK items' redo flags at once and
         # recompute the flagged ones (rare: the anchor was far off). Tiles needing it, also split tiles whose
         # summed normaliser is out of range, are recomputed with the online softmax.
         pid = tl.program_id(0)
@@ -197,8 +214,9 @@ def _dense_attn_kernel(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb,
             g = item % num_groups
             pid_m = g * tiles_per_item + pid % tiles_per_item
             if pid_m * BLOCK_M < Nq:
-                if not _add_split_halves(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, item - first_split,
-                                         part_rows, Nq, group_size, DV, DV_PAD, BLOCK_M):
+                if not _add_tail_pieces(O, LSE, LSE_PREV, PART_O, PART_L, pid_bh, pid_m, g, item - first_split,
+                                        part_rows, Nq, group_size, n_split_tiles // tiles_per_item, tail_ctas,
+                                        item_tiles, DV, DV_PAD, BLOCK_M, MAX_PIECES):
                     _dense_rows(Q, K, V, O, LSE, LSE_PREV, CS, KB, stride_kbb, stride_qb, stride_qh, stride_qn,
                                 stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                                 stride_vd, H, kv_group, Nq, Nk, num_groups, group_size, qk_scale, pid_m, pid_bh,
@@ -307,10 +325,12 @@ CS_MODE = 2  # for explicit configs that do not name one
 USE_VENDOR_LSE = True  # the LSE-only dense step through cuDNN / FlashAttention (benchmarks switch it off)
 ANCHOR = 1  # likewise: anchor the softmax on lse_prev when it is given (exact either way)
 _DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-# The redo pass behind the Gluon kernel: 64-row programs (each inside one query group), online softmax.
-_REDO_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 0, "num_warps": 4, "num_stages": 3}
-# Its programs: one per split tile, and one per _FLAG_BLOCK items' redo flags (a vector load; a launch of one
-# program per tile cost 12 / 17 us at N4608 / N16896 on an H100, mostly flag reads at ~3 resident programs per SM).
+# The pass behind the Gluon kernel: 16-row programs (each inside one query group; the online softmax where a
+# recompute is needed, which is rare). Its programs: one per 16 rows of a tail group, adding up that group's
+# pieces (16 rows keep all pieces' loads in flight: 64-row programs took 16 us at N4608 on an H100), and one per
+# _FLAG_BLOCK groups' redo flags (a vector load; a launch of one 64-row program per tile cost 12 / 17 us at
+# N4608 / N16896, mostly flag reads at ~3 resident programs per SM).
+_REDO_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "CS_MODE": 1, "ANCHOR": 0, "num_warps": 4, "num_stages": 3}
 _FLAG_BLOCK = 1024
 # Measured on H100 (benchmarks/KERNEL_NOTES.md, sweep of 6 tilings x 2 formulations x anchoring): with column mass
 # the anchored 64-row single-group tiles (one tl.sum per tile) are fastest (N4608 0.73 ms, N16896 9.35 ms vs
@@ -403,22 +423,30 @@ def _kernel_meta(q, v, has_cs: bool, kb) -> dict:
 
 
 def finish_gluon_dense_step(q, k, v, scale: float, lse_prev, group_size: int, o, lse, redo, first_split: int,
-                            part_o, part_l, part_rows: int, key_bias_scaled=None, key_bias_stride: int = 0):
-    """The launch behind the Gluon column-mass kernel (its outputs o, lse, redo and split partials as
-    ``attention_dense_gluon.dense_colmass_ws`` returns them): adds the halves of the groups it split (work items
-    g + G * (b * H + h) from ``first_split`` on) and recomputes with the online softmax the O and LSE of every
-    group flagged in ``redo`` or whose summed normaliser is out of range; the column mass is already complete.
-    The key bias comes as ``scaled_key_bias`` returns it."""
+                            part_o, part_l, part_rows: int, tail_ctas: int, item_tiles: int, key_bias_scaled=None,
+                            key_bias_stride: int = 0):
+    """The launch behind the Gluon column-mass kernel (its outputs o, lse, redo and tail partials as
+    ``attention_dense_gluon.dense_colmass_ws`` returns them): adds up the pieces of the groups it ran in pieces
+    (work items g + G * (b * H + h) from ``first_split`` on, cut as ``attention_dense_gluon.tail_pieces(items -
+    first_split, item_tiles, tail_ctas)``) and recomputes with the online softmax the O and LSE of every group
+    flagged in ``redo`` or whose summed normaliser is out of range; the column mass is already complete. The key
+    bias comes as ``scaled_key_bias`` returns it."""
     B, H, Nq, _ = q.shape
     kb = key_bias_scaled
     args = _kernel_args(q, k, v, scale, o, lse, lse_prev, lse, kb, key_bias_stride, group_size)
     assert group_size % _REDO_CONFIG["BLOCK_M"] == 0, group_size
     split_tiles = (redo.shape[0] - first_split) * (group_size // _REDO_CONFIG["BLOCK_M"])
     flag_blocks = triton.cdiv(first_split, _FLAG_BLOCK)
+    n_tail = redo.shape[0] - first_split
+    # Ranges c = c(x) hold tiles x with c(x) = ceil((x + 1) ctas / W) - 1: an item's item_tiles tiles meet at
+    # most ceil(item_tiles * ctas / W) + 1 of them (empty ones included).
+    max_pieces = min(tail_ctas, -(-item_tiles * tail_ctas // (n_tail * item_tiles)) + 1) if n_tail else 1
     if split_tiles + flag_blocks:
         _dense_attn[(split_tiles + flag_blocks, 1)](*args, redo, part_o, part_l, first_split, part_rows,
-                                                    split_tiles, **dict(_kernel_meta(q, v, False, kb), HAS_REDO=True),
-                                                    FLAG_BLOCK=_FLAG_BLOCK, **_REDO_CONFIG)
+                                                    split_tiles, tail_ctas, item_tiles,
+                                                    **dict(_kernel_meta(q, v, False, kb), HAS_REDO=True),
+                                                    FLAG_BLOCK=_FLAG_BLOCK,
+                                                    MAX_PIECES=triton.next_power_of_2(max_pieces), **_REDO_CONFIG)
 
 
 def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int, config: dict | None = None,
@@ -468,7 +496,8 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
                                     config=ws_config)
         finish_gluon_dense_step(q, k, v, scale, lse_prev, group_size, o, lse, redo, *split, kb, kb_stride)
         return o, lse, cs
-    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, cs, kb, kb_stride, group_size) + (lse, lse, lse, 0, 0, 0)
+    no_redo = (lse, lse, lse, 0, 0, 0, 1, 1)  # REDO .. item_tiles: unused outside the pass behind the Gluon kernel
+    args = _kernel_args(q, k, v, scale, o, lse, lse_prev, cs, kb, kb_stride, group_size) + no_redo
     meta = _kernel_meta(q, v, has_cs, kb)
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG

@@ -86,13 +86,33 @@ def test_gluon_mm2_is_opt_in_and_refuses_off_gpu():
 
 
 @pytest.mark.parametrize("items,tiles,sms,forced,expected", [
-    (576, 72, 132, None, 48),     # FLUX 1024^2, 24 heads: 4 full waves + 48 groups -> the 48 split
-    (2112, 264, 132, None, 0),    # exactly 16 waves: nothing to split
-    (600, 72, 132, None, 0),      # last wave 72/132 > half full: splitting would not shorten it
-    (40, 10, 132, None, 40),      # one partial wave at most half full: all split
-    (576, 1, 132, None, 0),       # a single key tile cannot be halved
-    (576, 72, 132, 1000, 576),    # forced (tests), clipped to the item count
+    (576, 72, 132, None, 48),     # FLUX 1024^2, 24 heads: 4 full waves + 48 groups -> the 48 shared out
+    (2112, 264, 132, None, 0),    # exactly 16 waves: no tail
+    (600, 72, 132, None, 72),     # a tail of 72 groups, spread over all 132 SMs
+    (40, 10, 132, None, 40),      # one partial wave: all of it
+    (576, 1, 132, None, 0),       # a single key tile cannot be shared
+    (576, 72, 132, 1000, 132),    # forced (tests), at most one per SM
+    (100, 72, 132, 1000, 100),    # ... and at most the item count
     (576, 72, 132, 0, 0),
 ])
 def test_split_count(items, tiles, sms, forced, expected):
     assert dense_ws.split_count(items, tiles, sms, forced) == expected
+
+
+@pytest.mark.parametrize("n_tail,tiles,ctas", [(48, 72, 132), (72, 1857, 132), (1, 5, 7), (7, 2, 7), (3, 100, 4)])
+def test_tail_pieces_cover_each_tail_item_once(n_tail, tiles, ctas):
+    """Every key tile of every tail item lies in exactly one piece; each range c gives at most two pieces
+    (slots c and ctas + c), in order, about W / ctas tiles in all."""
+    pieces = dense_ws.tail_pieces(n_tail, tiles, ctas)
+    covered = {}
+    for j, item, t0, t1 in pieces:
+        assert 0 <= item < n_tail and 0 <= t0 < t1 <= tiles and 0 <= j < 2 * ctas
+        for t in range(t0, t1):
+            assert (item, t) not in covered
+            covered[(item, t)] = j
+    assert len(covered) == n_tail * tiles
+    per_range = {}
+    for j, item, t0, t1 in pieces:
+        per_range[j % ctas] = per_range.get(j % ctas, 0) + t1 - t0
+    w = n_tail * tiles
+    assert max(per_range.values()) <= -(-w // ctas) and min(per_range.values()) >= w // ctas

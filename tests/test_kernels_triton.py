@@ -184,13 +184,15 @@ def test_anchored_dense_step_is_exact_for_any_anchor(nan_empty, shift):
             _close(cs / rcs.abs().max(), rcs / rcs.abs().max(), torch.float32, f"column mass (mode {cs_mode})")
 
 
-@pytest.mark.parametrize("kind", [None, "padding"])
-def test_split_groups_halves_added_and_flagged_groups_redone(kind):
+@pytest.mark.parametrize("kind,n_tail,ctas", [(None, 5, 7), ("padding", 5, 7), (None, 1, 7), (None, 4, 4)])
+def test_tail_pieces_added_and_flagged_groups_redone(kind, n_tail, ctas):
     """The launch behind the Gluon column-mass kernel (``finish_gluon_dense_step``), fed what that kernel leaves:
-    O / LSE of whole groups, unnormalised halves (keys split at a 64-key tile boundary, same anchor) of the last
-    groups, and redo flags. Split groups get the exact O and LSE from their halves (also one whose halves' summed
+    O / LSE of whole groups, unnormalised pieces of the last n_tail groups (their key tiles shared out over
+    ``ctas`` ranges by ``attention_dense_gluon.tail_pieces``, same anchor; with one tail group some ranges are
+    empty), and redo flags. Tail groups get the exact O and LSE from their pieces (also one whose summed
     normaliser is out of range, recomputed online); a flagged whole group is recomputed; unflagged whole groups
     are left as they were."""
+    from chipmunk_compile.kernels import attention_dense_gluon as dense_ws
     gen = torch.Generator().manual_seed(4)
     B, H, N, D, G = 2, 2, 300, 16, 64
     q, k, v = _qkv(B, H, H, N, D, D, torch.float32, gen)
@@ -199,31 +201,33 @@ def test_split_groups_halves_added_and_flagged_groups_redone(kind):
     ro, rlse = attn_ref.dense_attention_with_lse(q.double(), k.double(), v.double(), scale, kb)
     num_groups = -(-N // G)
     items = B * H * num_groups
-    n_split, part_rows, half = 5, 64, 192  # 5 key tiles of 64: halves [0, 192) and [192, 300)
-    first_split = items - n_split
+    part_rows, key_tiles = 64, -(-N // 64)
+    first_split = items - n_tail
     anchor = rlse.double() + 0.5 * torch.randn(rlse.shape, generator=gen, dtype=torch.float64)
-    far = first_split + 1  # its anchor is 100 nats off: the summed normaliser underflows -> recomputed online
+    far = items - 1  # its anchor is 100 nats off: the summed normaliser underflows -> recomputed online
     bh_far, g_far = divmod(far, num_groups)
     anchor.view(B * H, N)[bh_far, g_far * G:(g_far + 1) * G] += 100.0
     s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
     if kb is not None:
         s = s + kb.double()[:, None, None, :]
     p = torch.exp(s - anchor[..., None]).view(B * H, N, N)
-    part_o = torch.full((2 * n_split * part_rows, D), float("nan"))
-    part_l = torch.full((2 * n_split * part_rows,), float("nan"))
+    part_o = torch.full((2 * ctas * part_rows, D), float("nan"))
+    part_l = torch.full((2 * ctas * part_rows,), float("nan"))
     vv = v.double().reshape(B * H, N, D)
-    for j in range(n_split):
-        bh, g = divmod(first_split + j, num_groups)
+    pieces = dense_ws.tail_pieces(n_tail, key_tiles, ctas)
+    assert sorted({item for _, item, _, _ in pieces}) == list(range(n_tail))
+    for j, item, t0, t1 in pieces:
+        bh, g = divmod(first_split + item, num_groups)
         rows = slice(g * G, min(N, (g + 1) * G))
+        keys = slice(t0 * 64, min(N, t1 * 64))
         n_rows = rows.stop - rows.start
-        for h_, keys in enumerate((slice(0, half), slice(half, N))):
-            r0 = (2 * j + h_) * part_rows
-            part_o[r0:r0 + n_rows] = (p[bh, rows, keys] @ vv[bh, keys]).float()
-            part_l[r0:r0 + n_rows] = p[bh, rows, keys].sum(-1).float()
+        r0 = j * part_rows
+        part_o[r0:r0 + n_rows] = (p[bh, rows, keys] @ vv[bh, keys]).float()
+        part_l[r0:r0 + n_rows] = p[bh, rows, keys].sum(-1).float()
     o = ro.float().contiguous().clone()
     lse = rlse.float().clone()
     o_flat, lse_flat = o.view(B * H, N, D), lse.view(B * H, N)
-    for j in range(n_split):  # what the Gluon kernel leaves unwritten
+    for j in range(n_tail):  # what the Gluon kernel leaves unwritten
         bh, g = divmod(first_split + j, num_groups)
         o_flat[bh, g * G:(g + 1) * G] = float("nan")
         lse_flat[bh, g * G:(g + 1) * G] = float("nan")
@@ -241,7 +245,7 @@ def test_split_groups_halves_added_and_flagged_groups_redone(kind):
     bh, g = divmod(untouched, num_groups)
     o_flat[bh, g * G:(g + 1) * G] += 1.0  # a stale value the launch must not rewrite
     dense_tr.finish_gluon_dense_step(q, k, v, scale, anchor.float(), G, o, lse, redo, first_split, part_o, part_l,
-                                     part_rows, *dense_tr.scaled_key_bias(kb, B, N, scale))
+                                     part_rows, ctas, key_tiles, *dense_tr.scaled_key_bias(kb, B, N, scale))
     expected = ro.float().clone()
     expected.view(B * H, N, D)[bh, g * G:(g + 1) * G] += 1.0
     _close(o, expected, torch.float32, "o")
