@@ -129,20 +129,18 @@ def allocate_kv_ring(dtype: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr
     """Shared memory of the ring and the consumers' query tiles, barriers initialised:
     (k_bufs, v_bufs [NUM_STAGES, BLOCK_N, D] or, for TMA, [NUM_STAGES, 1, 1, BLOCK_N, D] (``kv_tile`` gives the
     2-D operand), q_bufs [N_CONSUMERS, 64, D] (TMA: [N_CONSUMERS, 1, 1, 64, D]), ready_bars, empty_bars)."""
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], dtype)
-    if TMA:
+    if TMA:  # blocks as the [B, H, N, D] descriptors copy them
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, D], dtype)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, 64, D], dtype)
         k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, D], kv_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, D], kv_layout)
+        q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 1, 1, 64, D], q_layout)
     else:
         kv_layout2: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+        q_layout2: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], dtype)
         k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout2)
         v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D], kv_layout2)
-    if TMA:
-        q_layout4: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, 64, D], dtype)
-        q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 1, 1, 64, D], q_layout4)
-    else:
-        q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout)
+        q_bufs = gl.allocate_shared_memory(dtype, [N_CONSUMERS, 64, D], q_layout2)
     ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
