@@ -108,9 +108,9 @@ def check_dense(results):
                                                              key_bias=kb)
         assert dense_ws.supports(q, k, v, G) is None
         n_items = B * H * -(-N // G)
-        # Default split of the last wave, none, and every group split over two CTAs (partials added afterwards;
-        # with the offset anchors that includes split groups recomputed online).
-        # K/V by TMA (default) and by cp.async; persistent CTAs (default) and one CTA per work unit; 4 ring slots.
+        # The last partial wave shared out over the SMs (default), no tail handling, and every group in the tail
+        # (pieces added afterwards; with the offset anchors that includes tail groups recomputed online); K/V by
+        # TMA (default) and by cp.async; persistent CTAs (default) and one CTA per work unit; 4 ring slots.
         for cfg in (dict(), dict(SPLIT=0), dict(SPLIT=n_items), dict(PERSISTENT=0), dict(TMA=0),
                     dict(TMA=0, PERSISTENT=0, SPLIT=n_items), dict(NUM_STAGES=4)):
             o, lse, cs = dense_tr.dense_attention_lse_colmass(q, k, v, scale, lse_prev, G, key_bias=kb,
