@@ -91,13 +91,15 @@ def _variants():
                dict(PRECISION="tf32", FULL_T=True, EVEN_K=True, EVEN_D=True, HAS_OUT=True, BLOCK_T=128,
                     **config.kwargs),
                ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)
-    # Selection: one program per row, streamed in chunks (scores given, or from the MLP's block means).
-    # (the MLP path writes the op's int32 index buffer directly)
-    for from_hbar, chunk, warps in ((False, 1024, 4), (True, 4096, 8), (False, 4096, 8)):
-        yield (f"selection chunk {chunk} from_hbar={from_hbar}", select_tr._select_kernel,
+    # Selection: one program per row, keys in registers (scores given, or from the MLP's block means; the MLP
+    # path writes the op's int32 index buffer directly): the warp counts ``_num_warps`` picks for few rows (MLP
+    # refresh) and many rows (attention query groups, or a large batch of token blocks).
+    for from_hbar, block, warps in ((True, 16384, 16), (True, 32768, 16), (True, 16384, 8), (False, 8192, 4)):
+        yield (f"selection block {block} from_hbar={from_hbar}", select_tr._select_kernel,
                dict(SCORES="*fp32", HBAR_NEW="*bf16", HBAR_CACHE="*fp32", NOISE="*fp32",
                     OUT="*i32" if from_hbar else "*i64"),
-               dict(FROM_HBAR=from_hbar, PATHS=1, CHUNK=chunk), [], warps, 1)
+               dict(FROM_HBAR=from_hbar, PATHS=1, BLOCK=block, LOG2_BLOCK=block.bit_length() - 1, LANES=32 * warps),
+               [], warps, 1)
 
 
 def compile_variant(fn, pointers, constexprs, unit_strides, num_warps, num_stages, arch):

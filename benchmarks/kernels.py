@@ -11,8 +11,9 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
   Triton time is recorded too) and the dense kernel with LSE + column mass as dispatched (the warp-specialised
   Gluon kernel on Hopper; the Triton kernel's time beside it) vs SDPA (the dense-step overhead);
 - mlp: full refresh step as the op runs it (block means + scoring GEMM + the Triton selection kernel + mm1 +
-  mm2 with fused write-back and the bf16 output from mm2's epilogue; the kernels-only, mm2-alone and
-  torch-selection times recorded beside) vs the dense torch MLP; ideal = dense time x kept fraction;
+  mm2 with fused write-back and the bf16 output from mm2's epilogue; every timed refresh starts from the same
+  references; the kernels-only, mm2-alone, torch-selection and CUDA-graph replay times recorded beside) vs the
+  dense torch MLP; ideal = dense time x kept fraction;
 - attention_selection: the selection over the column mass of a dense step (Triton kernel; torch.topk beside),
   and the share of the sparse step spent on the output-cache read/write (bytes / measured copy bandwidth).
 
@@ -283,32 +284,49 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
     gen = torch.Generator(device=DEV).manual_seed(0)
     out = torch.empty(1, N, C, device=DEV, dtype=BF16)
 
-    def select(k, kernels="auto"):
+    def select(k, kernels="auto", generator=gen):
         # What a refresh step of the op runs: block means of x, the scoring GEMM on nb rows, then the selection
         # (top k - 5% of F by |hbar change|, 5% of F at random, references refreshed): one Triton launch.
         indices = torch.empty(1, nb, k, device=DEV, dtype=torch.int64)
         n_rand = min(k, -(-Fh // 20))
-        mlp_op.refresh_indices(x, w1, b1, None, None, hbar_cache, indices, k - n_rand, n_rand, TOKEN_BLOCK, gen,
-                               kernels)
+        mlp_op.refresh_indices(x, w1, b1, None, None, hbar_cache, indices, k - n_rand, n_rand, TOKEN_BLOCK,
+                               generator, kernels)
         return indices
+
+    # A refresh sets the references of the units it selects to their current block means, so repeating it on the
+    # same x would leave those units' scores at exactly 0 (ties the real steps never see: each refresh meets a new
+    # x). Every timed refresh therefore starts from the same references (a 1.7 / 6.5 MB copy, timed on its own and
+    # subtracted).
+    hbar0 = hbar_cache.clone()
+    restore_ms = graph_ms(lambda: hbar_cache.copy_(hbar0), quick)
 
     for sp in sparsities:
         k = kept(Fh, sp, 256)
         idx = select(k)
 
-        def step():
+        def step(generator=gen):
             # A refresh step end to end, returning the op's output (y_cache in bf16, from mm2's epilogue).
-            mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", select(k), a_cache, y_cache,
-                                     TOKEN_BLOCK, out=out)
+            hbar_cache.copy_(hbar0)
+            mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", select(k, generator=generator),
+                                     a_cache, y_cache, TOKEN_BLOCK, out=out)
 
-        total = ms(step, quick)
-        select_ms = ms(lambda: select(k), quick)
-        select_torch_ms = ms(lambda: select(k, "torch"), quick)
-        # The selection kernel alone, on the scoring GEMM's output.
+        def refresh(kernels="auto"):
+            hbar_cache.copy_(hbar0)
+            select(k, kernels)
+
+        total = ms(step, quick) - restore_ms
+        total_graph = graph_ms(lambda: step(None), quick) - restore_ms  # default generator: capturable
+        select_ms = ms(refresh, quick) - restore_ms
+        select_torch_ms = ms(lambda: refresh("torch"), quick) - restore_ms
+        # The selection kernel alone (with its noise draw), on the scoring GEMM's output.
         hbar_new = mlp_ref.block_mean_preactivation(x, w1, b1, None, None, TOKEN_BLOCK, weight_dtype_out=True)
         n_rand = min(k, -(-Fh // 20))
-        select_kernel_ms = ms(lambda: select_tr.mlp_refresh_selection(hbar_new, hbar_cache, Fh, k - n_rand, n_rand,
-                                                                      gen), quick)
+
+        def select_kernel():
+            hbar_cache.copy_(hbar0)
+            select_tr.mlp_refresh_selection(hbar_new, hbar_cache, Fh, k - n_rand, n_rand, None)
+
+        select_kernel_ms = graph_ms(select_kernel, quick) - restore_ms
         kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
                                                          y_cache, TOKEN_BLOCK), quick)
         # mm2 alone on mm1's packed deltas.
@@ -316,12 +334,15 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
                                run_mm2=False)
         mm2_ms = ms(lambda: mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache, y_cache,
                                            TOKEN_BLOCK, None, run_mm1=False, delta=delta), quick)
+        dense_graph_ms = graph_ms(lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2), quick)
         record("mlp", f"N{N} {C}-{Fh}-{C} gelu_tanh", sp, dense_ms, total, dense_ms * k / Fh, units=k,
                selection_ms=select_ms, selection_torch_ms=select_torch_ms, selection_kernel_ms=select_kernel_ms,
                kernels_ms=kernels_ms,
                selection_share=select_ms / total,
                mm2_ms=mm2_ms,
                speedup_kernels_only=dense_ms / kernels_ms,
+               graph_dense_ms=dense_graph_ms, graph_chipmunk_ms=total_graph,
+               graph_speedup=dense_graph_ms / total_graph,
                config=f"mm1 {mlp_tr._mm1_tuned.best_config} mm2 {mlp_tr._mm2_tuned.best_config}")
 
 

@@ -3,8 +3,10 @@
 1. Pass cost: a loop of 9 passes over rows in chunks doing only ``tl.histogram`` of a byte (bytes all in one bin,
    or spread), a plain ``tl.sum``, or a ``tl.cumsum`` — what one radix pass of the kernel spends per chunk.
 2. The selection itself at the shapes the backend meets — MLP refresh rows (36 / 132 token blocks x 12288 units,
-   70 % sparse incl. 5 % random) and attention rows (576 query groups x 4608 keys, 93 % sparse) — for each chunk
-   size, against the torch path (``selection_reference``), after checking both pick the same index sets.
+   70 % sparse incl. 5 % random) and attention rows (576 query groups x 4608 keys, 93 % sparse) — for each warp
+   count, against the torch path (``selection_reference``), after checking both pick the same index sets.
+   (Pass 1 times the building blocks of the earlier chunked radix kernel; ``mlp_experiments.py`` compares the
+   shipped kernel with it.)
 
 Prints a table and writes selection_<gpu>.json ($OUT or benchmarks/results). Usage: python benchmarks/selection.py
 """
@@ -83,11 +85,11 @@ def main():
         torch_us = us(lambda: select_ref.select_topk_with_random(scores, k - n_rand, n_rand, None, gen))
         row = dict(bench="selection", case=name, shape=list(shape), kept=k, random=n_rand, rows_equal=rows_equal,
                    torch_us=torch_us, triton_us={})
-        for chunk in (None, 1024, 2048, 4096):
-            select_tr.CHUNK = chunk
-            row["triton_us"][str(chunk or "auto")] = us(
+        for warps in (None, 4, 8, 16):
+            select_tr.NUM_WARPS = warps
+            row["triton_us"][f"w{warps or 'auto'}"] = us(
                 lambda: select_tr.select_topk_with_random(scores, k - n_rand, n_rand, None, gen))
-        select_tr.CHUNK = None
+        select_tr.NUM_WARPS = None
         select_tr.MAX_TRITON_ROW = saved_max
         row["generic_dispatch"] = dispatched
         rows_out.append(row)

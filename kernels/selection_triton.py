@@ -1,4 +1,4 @@
-"""Triton top-k selection with a random extra fraction: one program per score row, streamed in chunks.
+"""Triton top-k selection with a random extra fraction: one program per score row, the row's keys in registers.
 
 Same semantics as ``selection_reference.select_topk_with_random`` (the oracle) and, for the MLP, as
 ``mlp_reference.mlp_refresh_selection`` (scores from block-mean pre-activations, references refreshed).
@@ -6,17 +6,23 @@ Same semantics as ``selection_reference.select_topk_with_random`` (the oracle) a
     before (torch, ~6 launches per refresh)               after (one launch)
     s = |hbar_new - hbar_cache| summed over paths         per row r (a token block or a query group):
     top = topk(s, k_top)        radix select, sorts         key  = order-preserving int32 of s (forced: max)
-    noise[top] = -1; topk(noise, k_rand)                    T1   = k_top-th largest key: radix select, one
-    cat; hbar_cache.scatter_(hbar_new.gather(...))                 256-bin histogram per key byte (4 passes)
-                                                            T2   = the same on the noise of the untaken entries
-                                                            last pass: take key > T1 and the first ties, then
-                                                            noise > T2 and its first ties; store the indices
-                                                            (running offsets); hbar_cache[taken] = hbar_new
+    noise[top] = -1; topk(noise, k_rand)                    T1   = k_top-th largest key: bisection, 32 block-
+    cat; hbar_cache.scatter_(hbar_new.gather(...))                 wide counts on the register-resident keys
+                                                            P1   = position cut for ties at T1 (bisection on
+                                                                   positions; only when not all ties fit)
+                                                            T2, P2: the same on the noise of the untaken entries
+                                                            store pass (chunks of one entry per thread): take
+                                                            key > T1 | key == T1 & pos < P1, then the noise
+                                                            rule; store the indices (running offsets);
+                                                            hbar_cache[taken] = hbar_new
 
-Each pass streams the row in chunks of CHUNK entries (the row stays in L1/L2 between passes), so any row length
-works with a few registers per entry; no sort. Ties at a threshold take the lowest indices (torch.topk may take
-any of them; the set differs only among exactly equal values). Indices come out top entries first in increasing
-index order, then the random ones. The interpreter runs this kernel too (CPU tests).
+Why this shape (H100, ``benchmarks/mlp_experiments.py``): each search step is a short loop body plus one
+block-wide sum, and the only scans are over one entry per thread, so the compiled kernel stays small (2-3 K
+instructions). The earlier versions (byte histograms over streamed chunks; bisection with scans over the whole
+register-resident row) compiled to 11-24 K instructions and took 0.10-0.13 ms of GPU time for an MLP refresh
+(36 or 132 rows of 12288, one program per SM) against 0.075-0.082 ms here. Ties at a threshold take the lowest positions (torch.topk may take any of them; the set
+differs only among exactly equal values). Indices come out top entries first in increasing position order, then
+the random ones. The interpreter runs this kernel too (CPU tests).
 """
 from __future__ import annotations
 
@@ -29,73 +35,78 @@ import triton.language as tl
 from chipmunk_compile.kernels import mlp_reference
 from chipmunk_compile.kernels import selection_reference as reference
 
+_KEY_MAX = 0x7FFFFFFF        # forced entries (a NaN pattern: no real score maps there)
+_KEY_MIN = -0x7FFFFFFF - 1   # positions past the row
+
 
 @triton.jit
 def _order_key(s):
-    """float32 -> int32 with the same order (NaN above +inf like torch.topk): sign-magnitude to two's complement.
-    INT32_MAX is a NaN pattern; it marks forced entries."""
+    """float32 -> int32 with the same order (NaN above +inf like torch.topk): sign-magnitude to two's complement."""
     bits = s.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
-def _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start, forced_lo, forced_hi, num_random,
-           FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, CHUNK: tl.constexpr, WITH_NOISE: tl.constexpr):
-    """(positions, in-row mask, score keys, noise keys or zeros) of one chunk of a row, recomputed by every
-    pass (WITH_NOISE: also read the noise, which the passes over the scores do not need)."""
-    offs = start + tl.arange(0, CHUNK)
-    valid = offs < n
+def _score_keys(SCORES, HBAR_NEW, HBAR_CACHE, row, n, pos, forced_lo, forced_hi,
+                FROM_HBAR: tl.constexpr, PATHS: tl.constexpr):
+    """Order keys of the scores at ``pos`` (forced: the top key; past the row: the bottom key)."""
+    valid = pos < n
     if FROM_HBAR:
         # MLP scores: |hbar_new - hbar_cache| summed over the gate (and up) paths of each unit.
-        s = tl.zeros([CHUNK], tl.float32)
+        s = tl.zeros_like(pos).to(tl.float32)
         for p in tl.static_range(PATHS):
-            new = tl.load(HBAR_NEW + (row * PATHS + p) * n + offs, mask=valid, other=0.0).to(tl.float32)
-            old = tl.load(HBAR_CACHE + (row * PATHS + p) * n + offs, mask=valid, other=0.0)
+            new = tl.load(HBAR_NEW + (row * PATHS + p) * n + pos, mask=valid, other=0.0).to(tl.float32)
+            old = tl.load(HBAR_CACHE + (row * PATHS + p) * n + pos, mask=valid, other=0.0)
             s += tl.abs(new - old)
     else:
-        s = tl.load(SCORES + row * n + offs, mask=valid, other=0.0).to(tl.float32)
-    key = tl.where((offs >= forced_lo) & (offs < forced_hi), 0x7FFFFFFF, _order_key(s))  # forced: the top key
-    # Uniform noise in [0, 1) ranks the untaken entries; one draw per row of a sample, shared by the batch.
-    noise = tl.load(NOISE + noise_row * n + offs, mask=valid & (num_random > 0) & WITH_NOISE, other=0.0)
-    return offs, valid, key, noise.to(tl.int32, bitcast=True)
+        s = tl.load(SCORES + row * n + pos, mask=valid, other=0.0).to(tl.float32)
+    key = tl.where((pos >= forced_lo) & (pos < forced_hi), 0x7FFFFFFF, _order_key(s))
+    return tl.where(valid, key, -0x7FFFFFFF - 1)
 
 
 @triton.jit
-def _radix_step(hist, need, prefix):
-    """From a 256-bin histogram of the next byte of the candidates: the highest byte value with at least
-    ``need`` candidates at or above it; returns (prefix extended by it, candidates still needed at that byte,
-    candidates at that byte)."""
-    bins = tl.arange(0, 256)
-    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    byte = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
-    return ((prefix << 8) | byte, need - tl.sum(tl.where(bins > byte, hist, 0), 0),
-            tl.sum(tl.where(bins == byte, hist, 0), 0))
+def _noise_keys(NOISE, noise_row, n, pos, taken):
+    """Uniform noise in [0, 1) as int32 keys (same order) for the entries still open; -1 for the others."""
+    noise = tl.load(NOISE + noise_row * n + pos, mask=pos < n, other=0.0)
+    return tl.where((pos < n) & ~taken, noise.to(tl.int32, bitcast=True), -1)
 
 
 @triton.jit
-def _byte_of(key, p: tl.constexpr):
-    return ((key ^ (-0x7FFFFFFF - 1)) >> (24 - 8 * p)) & 255  # sign bit flipped: unsigned order
+def _kth_largest(key, k, lo, hi, STEPS: tl.constexpr):
+    """Largest T in [lo, hi] with count(key >= T) >= k, given count(key >= lo) >= k and hi - lo < 2**STEPS
+    (int64 scalar bounds: the midpoints never overflow the int32 keys). One block-wide count per halving step.
+    (Cutting in four with the three counts packed into one int64 sum halves the steps but measured 15 % slower on
+    H100: the per-step work over a 16384-slot row, not the reduction latency, dominates.)"""
+    for _ in range(STEPS):
+        mid = lo + ((hi - lo + 1) >> 1)
+        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    return lo.to(tl.int32)
 
 
 @triton.jit
-def _prefix_matches(key, prefix, p: tl.constexpr):
-    """The bytes above byte p of the (sign-flipped) key equal prefix."""
-    return ((key ^ (-0x7FFFFFFF - 1)) >> (32 - 8 * p) & ((1 << (8 * p)) - 1)) == prefix
+def _tie_cut(key, t, pos, k, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr):
+    """Position P such that key > t, plus the keys equal to t at positions below P, are exactly k entries (the
+    lowest-position ties): BLOCK when every tie fits, else a bisection on positions."""
+    above = tl.sum((key > t).to(tl.int32), 0)
+    tie = key == t
+    cut = tl.full([], BLOCK, tl.int32)
+    if above + tl.sum(tie.to(tl.int32), 0) > k:
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], BLOCK, tl.int32)
+        for _ in range(LOG2_BLOCK + 1):
+            mid = (lo + hi) >> 1
+            enough = above + tl.sum((tie & (pos < mid)).to(tl.int32), 0) >= k
+            hi = tl.where(enough, mid, hi)
+            lo = tl.where(enough, lo, mid + 1)
+        cut = hi
+    return cut
 
 
 @triton.jit
-def _take(cand, key, t, room, ties_before, all_ties):
-    """Entries of ``cand`` taken at threshold t: key > t, and keys equal to t in position order while fewer than
-    ``room`` were taken before (``ties_before`` counts earlier chunks'; ``all_ties``: every one is taken, no
-    scan needed). Returns (taken, this chunk's count of keys equal to t)."""
-    if all_ties:
-        taken = cand & (key >= t)
-        ties = tl.full([], 0, tl.int32)
-    else:
-        tie = (cand & (key == t)).to(tl.int32)
-        taken = cand & (key > t) | ((tie != 0) & (ties_before + tl.cumsum(tie, 0) <= room))
-        ties = tl.sum(tie, 0)
-    return taken, ties
+def _taken(key, t, cut, pos):
+    return (key > t) | ((key == t) & (pos < cut))
 
 
 @triton.jit
@@ -108,61 +119,34 @@ def _store_positions(OUT, first, mask, offs):
 
 @triton.jit
 def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample, num_top, num_random,
-                   forced_lo, forced_hi, FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, CHUNK: tl.constexpr):
-    # Streams the row in chunks (reloaded from L1/L2 by each pass): 4 radix passes find the num_top-th largest
-    # score key T1 (and how many keys equal to T1 to take), 4 more the num_random-th largest noise key T2 among
-    # the rest, and a last pass stores the indices (running offsets across chunks) and refreshes hbar_cache.
+                   forced_lo, forced_hi, FROM_HBAR: tl.constexpr, PATHS: tl.constexpr, BLOCK: tl.constexpr,
+                   LOG2_BLOCK: tl.constexpr, LANES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     noise_row = row % rows_per_sample
-    t1 = tl.full([], 0, tl.int32)
-    room1 = num_top
-    ties_at_t1 = num_top
-    for p in tl.static_range(4):
-        hist = tl.zeros([256], tl.int32)
-        for start in range(0, n, CHUNK):
-            offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
-                                             forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK, False)
-            match = valid if p == 0 else valid & _prefix_matches(key, t1, p)
-            hist += tl.histogram(_byte_of(key, p), 256, mask=match)
-        t1, room1, ties_at_t1 = _radix_step(hist, room1, t1)
-    t1 = t1 ^ (-0x7FFFFFFF - 1)
-    # Usually every key equal to a threshold is taken (continuous scores: one key per value); then "taken" is a
-    # plain comparison and the tie ranks (a block-wide scan per chunk) are skipped.
-    all_t1 = ties_at_t1 == room1
+    pos = tl.arange(0, BLOCK)
+    # Thresholds on the register-resident row: T1 / P1 for the top part, T2 / P2 for the random part.
+    key = _score_keys(SCORES, HBAR_NEW, HBAR_CACHE, row, n, pos, forced_lo, forced_hi, FROM_HBAR, PATHS)
+    t1 = _kth_largest(key, num_top, tl.full([], -0x7FFFFFFF - 1, tl.int64), tl.full([], 0x7FFFFFFF, tl.int64), 32)
+    p1 = _tie_cut(key, t1, pos, num_top, BLOCK, LOG2_BLOCK)
     t2 = tl.full([], 0, tl.int32)
-    room2 = num_random
-    ties_at_t2 = num_random
+    p2 = tl.full([], 0, tl.int32)
     if num_random > 0:
-        for p in tl.static_range(4):
-            hist = tl.zeros([256], tl.int32)
-            ties_before = 0
-            for start in range(0, n, CHUNK):
-                offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
-                                                 forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK,
-                                                 True)
-                top, ties = _take(valid, key, t1, room1, ties_before, all_t1)
-                ties_before += ties
-                open_ = valid & ~top  # not taken by the top part
-                match = open_ if p == 0 else open_ & _prefix_matches(noise, t2, p)
-                hist += tl.histogram(_byte_of(noise, p), 256, mask=match)
-            t2, room2, ties_at_t2 = _radix_step(hist, room2, t2)
-        t2 = t2 ^ (-0x7FFFFFFF - 1)
-    all_t2 = ties_at_t2 == room2
+        nkey = _noise_keys(NOISE, noise_row, n, pos, _taken(key, t1, p1, pos))
+        # noise < 1.0: keys in [0, 0x3F800000), so 30 halvings suffice.
+        t2 = _kth_largest(nkey, num_random, tl.full([], 0, tl.int64), tl.full([], 0x3F800000, tl.int64), 30)
+        p2 = _tie_cut(nkey, t2, pos, num_random, BLOCK, LOG2_BLOCK)
+    # Store pass over chunks of one entry per thread (keys recomputed from the row, now in L1/L2).
     out_row = OUT + row * (num_top + num_random)
-    ties1 = 0
-    ties2 = 0
     n_top = 0
     n_extra = 0
-    for start in range(0, n, CHUNK):
-        offs, valid, key, noise = _chunk(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, row, noise_row, n, start,
-                                         forced_lo, forced_hi, num_random, FROM_HBAR, PATHS, CHUNK, True)
-        top, ties = _take(valid, key, t1, room1, ties1, all_t1)
-        ties1 += ties
+    for start in range(0, n, LANES):
+        offs = start + tl.arange(0, LANES)
+        k1 = _score_keys(SCORES, HBAR_NEW, HBAR_CACHE, row, n, offs, forced_lo, forced_hi, FROM_HBAR, PATHS)
+        top = _taken(k1, t1, p1, offs) & (offs < n)
         n_top += _store_positions(out_row, n_top, top, offs)
         taken = top
         if num_random > 0:
-            extra, ties = _take(valid & ~top, noise, t2, room2, ties2, all_t2)
-            ties2 += ties
+            extra = _taken(_noise_keys(NOISE, noise_row, n, offs, top), t2, p2, offs) & (offs < n)
             n_extra += _store_positions(out_row, num_top + n_extra, extra, offs)
             taken = top | extra
         if FROM_HBAR:
@@ -172,15 +156,14 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
                 tl.store(HBAR_CACHE + (row * PATHS + p) * n + offs, new.to(HBAR_CACHE.dtype.element_ty), mask=taken)
 
 
-# Chunk per pass iteration (tests force small ones). Measured on H100 (benchmarks/selection.py): tl.histogram
-# is most of a pass (~1.2 us per 2048 entries per program, however the bytes spread), so few long rows (an MLP
-# refresh: 36-132 rows of 12288) run fastest in 4096-entry chunks at 8 warps, while many rows (attention N4608:
-# 576 rows of 4608) prefer 1024 at 4 warps, where several programs share an SM.
-CHUNK = None
-# kernels.py runs: up to 4608 entries per row this kernel beats the torch path (0.24 vs 0.28-0.41 ms); at 16896
-# and 118800 its 9 passes over the row from HBM lose to torch.topk (2.07 vs 1.48 ms, 112 vs 55 ms), so longer
-# rows of the generic selection keep the torch path.
+# Rows up to this many entries are selected by the kernel (the row's keys in registers: at most 64 per thread at
+# 16 warps). The generic call keeps torch above MAX_TRITON_ROW: measured on H100, 2112 attention rows of 16896
+# take 1.85 ms here vs 1.50 ms with torch.topk (576 rows of 4608: 0.17 vs 0.48 ms).
+MAX_ROW = 32768
 MAX_TRITON_ROW = 8192
+# Warps per program (tests force small ones): few rows (an MLP refresh, 36-132 rows) are latency bound, so one
+# wide program per SM; many rows (attention query groups) share SMs.
+NUM_WARPS = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,23 +171,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _chunk_size(rows: int, n: int, device: torch.device) -> int:
-    if CHUNK is not None:
-        chunk = CHUNK
-    elif device.type == "cuda" and rows <= 2 * _sm_count(device.index or 0):
-        chunk = 4096
-    else:
-        chunk = 1024
-    return min(chunk, max(128, triton.next_power_of_2(n)))
+def _num_warps(rows: int, block: int, device: torch.device) -> int:
+    if NUM_WARPS is not None:
+        return NUM_WARPS
+    # Measured (H100, benchmarks/mlp_experiments.py): 16 warps for an MLP refresh (36-132 rows of 12288), 4 for
+    # 576 attention rows of 4608; at most 64 keys per thread (register budget).
+    few_rows = device.type == "cuda" and rows <= 2 * _sm_count(device.index or 0)
+    return max(4, min(16, block // (1024 if few_rows else 2048)))
 
 
 def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, num_top, num_random, forced,
             paths):
     lo, hi = forced if forced is not None else (0, 0)
-    chunk = _chunk_size(rows, n, scores.device)
+    block = max(32, triton.next_power_of_2(n))
+    warps = _num_warps(rows, block, scores.device)
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
-                            lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, CHUNK=chunk,
-                            num_warps=max(4, min(8, chunk // 512)))
+                            lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, BLOCK=block,
+                            LOG2_BLOCK=block.bit_length() - 1, LANES=32 * warps, num_warps=warps)
 
 
 def _noise(shape, device, generator, num_random):
@@ -245,7 +228,7 @@ def mlp_refresh_selection(hbar_new: torch.Tensor, hbar_cache: torch.Tensor, num_
     n = num_units
     k_total = reference.selection_size(n, num_top, num_random, 0)
     shape = (*hbar_new.shape[:-1], k_total)
-    if (k_total == n or num_top == 0 or not hbar_cache.is_contiguous()
+    if (k_total == n or num_top == 0 or n > MAX_ROW or not hbar_cache.is_contiguous()
             or (out is not None and not _writable_indices(out, shape))):
         return mlp_reference.mlp_refresh_selection(hbar_new, hbar_cache, num_units, num_top, num_random, generator,
                                                    out)

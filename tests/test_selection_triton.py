@@ -69,9 +69,9 @@ def test_select_all_units_and_rows_over_many_chunks(monkeypatch):
     assert _sets(got) == [set(range(40))] * 2
     only_random = sel_tr.select_topk_with_random(scores, 0, 5, None, torch.Generator().manual_seed(0))
     assert only_random.shape == (1, 2, 5) and all(len(r) == 5 for r in _sets(only_random))
-    # Rows streamed in 9 chunks of 128 with ties spread over all of them: exactly k distinct indices, all at or
+    # Rows stored in 35 chunks of 32 (one warp) with ties spread over all of them: exactly k distinct indices, all at or
     # above the threshold, the lowest-index ties first.
-    monkeypatch.setattr(sel_tr, "CHUNK", 128)
+    monkeypatch.setattr(sel_tr, "NUM_WARPS", 1)
     scores = (torch.arange(1100) % 7).float().reshape(1, 1, 1100)  # 157 or 158 entries per value 0..6
     got = sel_tr.select_topk_with_random(scores, 200, 50, None, torch.Generator().manual_seed(1))
     top, extra = got[0, 0, :200].tolist(), got[0, 0, 200:].tolist()
@@ -120,7 +120,7 @@ def test_ties_in_the_random_draw(monkeypatch):
     distinct extra indices, none of them among the top ones."""
     monkeypatch.setattr(sel_tr, "_noise", lambda shape, device, generator, num_random:
                         (torch.arange(shape[-1]) % 3).float().div(4).expand(shape).contiguous())
-    monkeypatch.setattr(sel_tr, "CHUNK", 128)
+    monkeypatch.setattr(sel_tr, "NUM_WARPS", 1)
     gen = torch.Generator().manual_seed(9)
     scores = _distinct_scores((1, 2, 500), gen)
     got = sel_tr.select_topk_with_random(scores, 50, 120, None, None)
