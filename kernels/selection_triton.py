@@ -35,9 +35,6 @@ import triton.language as tl
 from chipmunk_compile.kernels import mlp_reference
 from chipmunk_compile.kernels import selection_reference as reference
 
-_KEY_MAX = 0x7FFFFFFF        # forced entries (a NaN pattern: no real score maps there)
-_KEY_MIN = -0x7FFFFFFF - 1   # positions past the row
-
 
 @triton.jit
 def _order_key(s):
@@ -49,7 +46,8 @@ def _order_key(s):
 @triton.jit
 def _score_keys(SCORES, HBAR_NEW, HBAR_CACHE, row, n, pos, forced_lo, forced_hi,
                 FROM_HBAR: tl.constexpr, PATHS: tl.constexpr):
-    """Order keys of the scores at ``pos`` (forced: the top key; past the row: the bottom key)."""
+    """Order keys of the scores at ``pos``: forced entries get INT32_MAX, positions past the row INT32_MIN (both
+    NaN patterns, which no finite score maps to)."""
     valid = pos < n
     if FROM_HBAR:
         # MLP scores: |hbar_new - hbar_cache| summed over the gate (and up) paths of each unit.
