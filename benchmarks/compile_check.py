@@ -85,9 +85,10 @@ def _variants():
                    ["stride_xc", "stride_wgc", "stride_wuc", "stride_an"], config.num_warps, config.num_stages)
     yield ("mlp_mm2_ws (opt-in)", mm2_ws._mm2_ws_kernel, dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),
            dict(BLOCK_T=128, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
-    for config in (mlp_tr._MM2_CONFIGS[0], mlp_tr._MM2_CONFIGS[-1]):
-        yield (f"mlp_mm2 {config.kwargs}", mlp_tr._mlp_mm2_kernel,
-               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32", OUT="*bf16"),
+    for config, y_type in ((mlp_tr._MM2_CONFIGS[0], "*fp32"), (mlp_tr._MM2_CONFIGS[-1], "*fp32"),
+                           (mlp_tr._MM2_CONFIGS[0], "*bf16"), (mlp_tr._MM2_CONFIGS[-1], "*bf16")):
+        yield (f"mlp_mm2 {config.kwargs} y={y_type[1:]}", mlp_tr._mlp_mm2_kernel,
+               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y=y_type, OUT="*bf16"),
                dict(PRECISION="tf32", FULL_T=True, EVEN_K=True, EVEN_D=True, HAS_OUT=True, BLOCK_T=128,
                     **config.kwargs),
                ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)

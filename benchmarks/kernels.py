@@ -175,6 +175,17 @@ def check_correctness():
     errs["mlp a_cache"] = rel_err(a, a_ref)
     errs["mlp y delta"] = rel_err(y - y0, y_ref - y0)
     errs["mlp out = y_cache"] = rel_err(out, y)
+    # The same with a bf16 y_cache (option mlp_output_cache_dtype='model'): reference rounds y once, as the kernel.
+    y16_ref = y0.to(BF16)
+    mlp_ref.sparse_mlp_update(x.float(), w1.float(), b1.float(), None, None, w2.float(), "gelu_tanh", idx,
+                              a0.float(), y16_ref, T)
+    for _ in range(2):
+        a = a0.transpose(1, 2).contiguous().transpose(1, 2)
+        y16 = y0.to(BF16)
+        out = torch.full_like(y16, float("nan"))
+        mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2.t().contiguous().t(), "gelu_tanh", idx, a, y16, T, out=out)
+    errs["mlp bf16 y_cache delta"] = rel_err(y16.float() - y0, y16_ref.float() - y0)
+    errs["mlp bf16 out = y_cache"] = rel_err(out, y16)
     # Selection: the same index sets as the torch reference (continuous random scores: no ties).
     for shape, n_top, n_rand in (((1, 24, 24, 4608), 300, 30), ((2, 36, 12288), 3000, 600)):
         scores = torch.rand(shape, device=DEV)
@@ -278,6 +289,7 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
     w2_t = w2.t().contiguous().t()
     a_cache = F.gelu(F.linear(x, w1, b1), approximate="tanh")[0].t().contiguous().unsqueeze(0).transpose(1, 2)
     y_cache = torch.randn(1, N, C, device=DEV)
+    y_cache16 = y_cache.to(BF16)
     assert N % TOKEN_BLOCK == 0
     nb = N // TOKEN_BLOCK
     hbar_cache = torch.randn(1, nb, Fh, device=DEV)
@@ -329,6 +341,14 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         select_kernel_ms = graph_ms(select_kernel, quick) - restore_ms
         kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
                                                          y_cache, TOKEN_BLOCK), quick)
+
+        def step_bf16_cache(generator=gen):
+            # The same step with option mlp_output_cache_dtype='model' (y_cache in bf16).
+            hbar_cache.copy_(hbar0)
+            mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", select(k, generator=generator),
+                                     a_cache, y_cache16, TOKEN_BLOCK, out=out)
+        bf16_cache_ms = ms(step_bf16_cache, quick) - restore_ms
+        bf16_cache_graph_ms = graph_ms(lambda: step_bf16_cache(None), quick) - restore_ms
         # mm2 alone on mm1's packed deltas.
         delta = mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache, y_cache, TOKEN_BLOCK, None,
                                run_mm2=False)
@@ -344,7 +364,13 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
                speedup_kernels_only=dense_ms / kernels_ms,
                graph_dense_ms=dense_graph_ms, graph_chipmunk_ms=total_graph,
                graph_speedup=dense_graph_ms / total_graph,
+               bf16_cache_ms=bf16_cache_ms, bf16_cache_speedup=dense_ms / bf16_cache_ms,
+               graph_bf16_cache_ms=bf16_cache_graph_ms, graph_bf16_cache_speedup=dense_graph_ms / bf16_cache_graph_ms,
                config=f"mm1 {mlp_tr._mm1_tuned.best_config} mm2 {mlp_tr._mm2_tuned.best_config}")
+        print(f"{'':20s} {'  graph replay / bf16 y_cache':28s} {'':6s} {dense_graph_ms:9.3f} {total_graph:9.3f} "
+              f"{dense_graph_ms / total_graph:7.2f}x | bf16 y_cache {bf16_cache_ms:.3f} ms "
+              f"{dense_ms / bf16_cache_ms:.2f}x, graph {bf16_cache_graph_ms:.3f} ms "
+              f"{dense_graph_ms / bf16_cache_graph_ms:.2f}x", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- config sweep
@@ -523,7 +549,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer points and shorter timing (< 2 minutes)")
     parser.add_argument("--sweep", nargs="?", const="dense,sparse,mlp", default=None, metavar="SECTIONS",
                         help="time every candidate kernel configuration instead (comma list of dense, sparse, mlp)")
+    parser.add_argument("--only", default="attention,dense,mlp", metavar="SECTIONS",
+                        help="run only these sections (comma list of attention, dense, mlp); the JSON name gets them")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     quick = args.quick
     gpu = torch.cuda.get_device_name()
@@ -536,21 +565,26 @@ def main():
     errs = check_correctness()
     print(f"{'bench':20s} {'shape':28s} {'spars':>6s} {'dense ms':>9s} {'ours ms':>9s} {'speedup':>8s} "
           f"{'ideal ms':>9s} {'frac':>6s}")
-    points = bench_attention("attention_hunyuan", 118800, (0.93,) if quick else (0.93, 0.85, 0.70), quick)
-    for n in (4608, 16896):
-        bench_attention("attention_flux", n, (0.835,), quick)
-    for n in (4608, 16896) if quick else (4608, 16896, 118800):
+    points = None
+    if "attention" in only:
+        points = bench_attention("attention_hunyuan", 118800, (0.93,) if quick else (0.93, 0.85, 0.70), quick)
+        for n in (4608, 16896):
+            bench_attention("attention_flux", n, (0.835,), quick)
+    for n in ((4608, 16896) if quick else (4608, 16896, 118800)) if "dense" in only else ():
         bench_dense_step(n, quick)
-    for n in (4608, 16896):
+    for n in (4608, 16896) if "mlp" in only else ():
         bench_mlp(n, (0.7, 0.9), quick)
 
     tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
+    if only != {"attention", "dense", "mlp"}:
+        tag += "_only_" + "_".join(sorted(only))
     path = os.path.join(out_dir, f"kernels_{tag}.json")
     with open(path, "w") as f:
         json.dump(dict(device=gpu, torch=torch.__version__, triton=triton.__version__, quick=quick,
                        correctness_rel_err=errs, results=RESULTS), f, indent=1, default=str)
     print(f"wrote {path}")
-    plot(points, os.path.join(out_dir, f"kernels_{tag}_hunyuan_speedup.png"))
+    if points is not None:
+        plot(points, os.path.join(out_dir, f"kernels_{tag}_hunyuan_speedup.png"))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ All times are CUDA-graph replays (GPU time, no Python launch overhead), medians:
   (the generic call, against torch.topk). The earlier kernels are not kept in the tree; to rerun their rows:
   ``git show 3b7bd17:kernels/selection_triton.py > benchmarks/_exp_radix_selection.py`` and
   ``git show 398fc83:kernels/selection_triton.py > benchmarks/_exp_old_selection.py``;
-- mm1: every autotuner candidate, and a persistent (grid-stride) variant with and without loop flattening;
+- mm1: every autotuner candidate, epilogue-split and two-programs-per-SM configs (outputs checked against the
+  default config's), x tiles through TMA, and (``--only persistent``) a persistent (grid-stride) variant with and
+  without loop flattening;
 - mm2: every autotuner candidate plus deeper software pipelines (num_stages 5 / 7: the gathered W2^T rows are
   addressed through the unit list loaded in the same loop, and Triton 3.6 only double-buffers such indirect loads
-  when num_stages >= 5); each new config's output is checked against the default's.
-Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2]   (prints a table; JSON via results_io)
+  when num_stages >= 5), epilogue-split configs, delta tiles through TMA; each new config's output is checked
+  against the default's.
+Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2,persistent]   (prints a table; JSON via results_io)
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ from chipmunk_compile.kernels import mlp_op  # noqa: E402
 from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
 from chipmunk_compile.kernels import selection_triton as sel_tr  # noqa: E402
-from chipmunk_compile.kernels.mlp_sparse_triton import _activation, _tile_coords  # noqa: E402
+from chipmunk_compile.kernels.mlp_sparse_triton import (_activation, _column_halves, _mm1_epilogue,  # noqa: E402
+                                                        _mm2_epilogue, _tile_coords)
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 DEV, BF16, T = "cuda", torch.bfloat16, 128
 ROWS: list[dict] = []
@@ -75,6 +80,59 @@ def _mm1_persistent(X, WG, BG, IDX, ACACHE, DELTA, stride_xn, stride_wgf, stride
         delta = a_new.to(tl.float32) - tl.load(a_ptrs).to(tl.float32)
         tl.store(DELTA + blk * n_sel * BLOCK_T + local[:, None] * n_sel + offs_f[None, :], delta.to(DELTA.dtype.element_ty))
         tl.store(a_ptrs, a_new)
+
+
+@triton.jit
+def _mm1_tma_x(X_DESC, WG, BG, IDX, ACACHE, DELTA, stride_wgf, stride_an, stride_af, N, C, nb, n_sel,
+               ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
+               GROUP_T: tl.constexpr, EPI_SPLIT: tl.constexpr):
+    # mm1 with x tiles through TMA (descriptor) and the gathered W1 rows through cp.async; batch 1, full token
+    # blocks of BLOCK_T, n_sel % BLOCK_F == 0, C % BLOCK_C == 0 (the benchmark shapes).
+    blk, pid_f = _tile_coords(tl.program_id(0), nb, n_sel // BLOCK_F, GROUP_T)
+    local = tl.arange(0, BLOCK_T)
+    rows = blk * BLOCK_T + local
+    units = tl.load(IDX + blk * n_sel + pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    w_ptrs = WG + units[None, :] * stride_wgf + offs_c[:, None]
+    acc = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        acc = tl.dot(X_DESC.load([blk * BLOCK_T, c0]), tl.load(w_ptrs), acc)
+        w_ptrs += BLOCK_C
+    row_ok = local < BLOCK_T
+    b = 0
+    sel_base = blk * n_sel
+    first = pid_f * BLOCK_F
+    if EPI_SPLIT == 1:
+        _mm1_epilogue(acc, acc, first, BLOCK_F, rows, local, row_ok, b, sel_base, IDX, BG, BG, ACACHE, DELTA, 0,
+                      stride_an, stride_af, n_sel, BLOCK_T, True, False, False, ACT)
+    else:
+        h0, h1 = _column_halves(acc, BLOCK_T, BLOCK_F)
+        _mm1_epilogue(h0, h0, first, BLOCK_F // 2, rows, local, row_ok, b, sel_base, IDX, BG, BG, ACACHE, DELTA, 0,
+                      stride_an, stride_af, n_sel, BLOCK_T, True, False, False, ACT)
+        _mm1_epilogue(h1, h1, first + BLOCK_F // 2, BLOCK_F // 2, rows, local, row_ok, b, sel_base, IDX, BG, BG,
+                      ACACHE, DELTA, 0, stride_an, stride_af, n_sel, BLOCK_T, True, False, False, ACT)
+
+
+@triton.jit
+def _mm2_tma_delta(D_DESC, IDX, W2, Y, OUT, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
+                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr):
+    # mm2 with the packed delta tiles through TMA and the gathered W2^T rows through cp.async; batch 1, full
+    # blocks, n_sel % BLOCK_K == 0, Dout % BLOCK_D == 0; epilogue in column halves.
+    blk, pid_d = _tile_coords(tl.program_id(0), nb, Dout // BLOCK_D, GROUP_T)
+    rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for k0 in range(0, n_sel, BLOCK_K):
+        units = tl.load(IDX + blk * n_sel + k0 + offs_k).to(tl.int64)
+        w = tl.load(W2 + units[:, None] * stride_w2f + offs_o[None, :])
+        acc = tl.dot(D_DESC.load([blk * BLOCK_T, k0]), w, acc)
+    acc0, acc1 = _column_halves(acc, BLOCK_T, BLOCK_D)
+    row_ok = rows < nb * BLOCK_T
+    _mm2_epilogue(acc0, pid_d * BLOCK_D, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1, 0, stride_on, 1,
+                  Dout, False, True)
+    _mm2_epilogue(acc1, pid_d * BLOCK_D + BLOCK_D // 2, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1, 0,
+                  stride_on, 1, Dout, False, True)
 
 
 def bench(N, sp, C=3072, Fh=12288):
@@ -167,18 +225,42 @@ def bench(N, sp, C=3072, Fh=12288):
     a0, y0 = a_cache.clone(), y_cache.clone()
     delta = run(m2=False)
     a_cache.copy_(a0)
-    for c in (mlp_tr._MM1_CONFIGS if "mm1" in ONLY else []):
-        c1 = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        try:
-            rec(shape, f"mm1 {c1}", graph_ms(lambda: run(c1=c1, m2=False, delta=delta), False))
-        except Exception as e:  # noqa: BLE001
-            rec(shape, f"mm1 {c1} FAILED {type(e).__name__}", -1.0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     d_ref = torch.empty_like(delta)
     a_cache.copy_(a0)
     mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", indices, a_cache, y_cache, T, None, run_mm2=False, delta=d_ref)
     a_ref = a_cache.clone()
-    for flatten in ((False, True) if "mm1" in ONLY else ()):
+    # Epilogue in 1 / 2 / 4 column slices (spills: 96 B -> 0 at 128x256, sm_90 compile), and 4-warp 128x128
+    # tiles that fit two programs per SM.
+    c1 = mlp_tr._c1
+    mm1_new = [c1(256, 64, 8, 3, g, 2) for g in (0, 8, 32)] + [c1(256, 64, 8, 3, 0, 4), c1(256, 128, 8, 2, 8, 2),
+                                                               c1(256, 64, 8, 4, 8, 4)]
+    for c in (mlp_tr._MM1_CONFIGS + mm1_new if "mm1" in ONLY else []):
+        c1 = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        try:
+            a_cache.copy_(a0)
+            dd = run(c1=c1, m2=False)
+            err = max(rel_err(dd, d_ref), rel_err(a_cache, a_ref))
+            rec(shape, f"mm1 {c1}", graph_ms(lambda: run(c1=c1, m2=False, delta=delta), False), err=err)
+        except Exception as e:  # noqa: BLE001
+            rec(shape, f"mm1 {c1} FAILED {type(e).__name__}: {str(e)[:80]}", -1.0)
+    x_desc = TensorDescriptor.from_tensor(x[0], [128, 64])
+    for group, split, stages in (((0, 2, 3), (8, 2, 4)) if "mm1" in ONLY else ()):
+        dt = torch.empty_like(delta)
+        def tma_x():
+            _mm1_tma_x[(nb * (k // 256),)](x_desc, w1, b1, indices, a_cache, dt, w1.stride(0), a_cache.stride(1),
+                                           a_cache.stride(2), N, C, nb, k, ACT=1, BLOCK_T=128, BLOCK_F=256,
+                                           BLOCK_C=64, GROUP_T=group, EPI_SPLIT=split, num_warps=8, num_stages=stages)
+        try:
+            a_cache.copy_(a0)
+            tma_x()
+            err = max(rel_err(dt, d_ref), rel_err(a_cache, a_ref))
+            rec(shape, f"mm1 TMA x tiles group={group} epi_split={split} stages={stages}", graph_ms(tma_x, False),
+                err=err)
+        except Exception as e:  # noqa: BLE001
+            rec(shape, f"mm1 TMA x FAILED {type(e).__name__}: {str(e)[:80]}", -1.0)
+    a_cache.copy_(a0)
+    for flatten in ((False, True) if "persistent" in ONLY else ()):
         for stages, group in ((3, 0), (3, 8)):
             for progs in (sms, 2 * sms):
                 dp = torch.empty_like(delta)
@@ -201,9 +283,10 @@ def bench(N, sp, C=3072, Fh=12288):
     y_cache.copy_(y0)
     run(m1=False, delta=delta)
     y_ref = (y_cache - y0).clone()
-    new = [mlp_tr._c2(128, 64, 4, 5), mlp_tr._c2(128, 64, 4, 7), mlp_tr._c2(128, 64, 4, 5, 32, 1),
-           mlp_tr._c2(128, 64, 4, 7, 32, 1), mlp_tr._c2(128, 64, 8, 5, 32, 1), mlp_tr._c2(256, 64, 8, 5),
-           mlp_tr._c2(256, 64, 8, 5, 32, 1), mlp_tr._c2(128, 128, 8, 5, 32, 1), mlp_tr._c2(128, 32, 4, 7, 32, 1)]
+    c2_ = mlp_tr._c2
+    new = [c2_(256, 64, 8, 5, 0, 0, 2), c2_(256, 64, 8, 5, 8, 0, 2), c2_(128, 64, 4, 5, 0, 0, 2), c2_(128, 128, 8, 5, 0, 0, 2),
+           c2_(128, 128, 8, 5, 32, 1, 2), c2_(128, 32, 4, 5, 0, 0, 2), c2_(128, 32, 4, 6, 0, 0, 2), c2_(128, 32, 4, 5, 8, 0, 2),
+           c2_(256, 32, 8, 5, 0, 0, 2), c2_(256, 32, 8, 6, 8, 0, 2), c2_(128, 64, 4, 5, 8, 0, 2)]
     for c in (mlp_tr._MM2_CONFIGS + new if "mm2" in ONLY else []):
         c2 = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         try:
@@ -213,6 +296,40 @@ def bench(N, sp, C=3072, Fh=12288):
             rec(shape, f"mm2 {c2}", graph_ms(lambda: run(c2=c2, m1=False, delta=delta), False), err=err)
         except Exception as e:  # noqa: BLE001
             rec(shape, f"mm2 {c2} FAILED {type(e).__name__}: {str(e)[:80]}", -1.0)
+    # Ceilings: cuBLAS on the same FLOPs without gathers (x @ W1[:k]^T; a[:, :k] @ W2[:, :k]^T), and mm2 with a
+    # bf16 output cache (half the read-modify-write traffic of the fp32 one).
+    if "mm2" in ONLY:
+        a_k = torch.randn(N, k, device=DEV, dtype=BF16)
+        w1k, w2k = w1[:k].contiguous(), w2[:, :k].contiguous()
+        rec(shape, "cuBLAS x @ W1[:k]^T (mm1's FLOPs, no gather, no epilogue)", graph_ms(lambda: F.linear(x, w1k), False))
+        rec(shape, "cuBLAS a[:, :k] @ W2[:, :k]^T (mm2's FLOPs)", graph_ms(lambda: F.linear(a_k, w2k), False))
+        y16 = y0.to(BF16)
+        for c in (c2_(256, 64, 8, 5, 8, 0, 2), c2_(128, 64, 4, 5, 0, 0, 2), c2_(128, 32, 4, 5, 0, 0, 2)):
+            meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            def bf16_y():
+                mlp_tr._mm2[(nb * (C // meta["BLOCK_D"]), 1)](
+                    delta, indices, w2_t, y16, out, *w2_t.stride(), *y16.stride(), *out.stride(), N, C, nb, k, T,
+                    PRECISION="tf32", BLOCK_T=128, HAS_OUT=True, **meta)
+            try:
+                rec(shape, f"mm2 bf16 y_cache {meta}", graph_ms(bf16_y, False))
+            except Exception as e:  # noqa: BLE001
+                rec(shape, f"mm2 bf16 y_cache FAILED {type(e).__name__}: {str(e)[:80]}", -1.0)
+    d_desc_cache = {}
+    for bd, bk, warps, stages, group in (((256, 64, 8, 5, 0), (256, 64, 8, 5, 8), (128, 64, 4, 5, 0), (128, 32, 4, 5, 0),
+                                          (128, 64, 4, 4, 0), (256, 64, 8, 4, 8)) if "mm2" in ONLY else ()):
+        d_desc = d_desc_cache.setdefault(bk, TensorDescriptor.from_tensor(delta.reshape(nb * T, k), [128, bk]))
+        def tma_d():
+            _mm2_tma_delta[(nb * (C // bd),)](d_desc, indices, w2_t, y_cache, out, w2_t.stride(1), y_cache.stride(1),
+                                              out.stride(1), C, nb, k, BLOCK_T=128, BLOCK_D=bd, BLOCK_K=bk,
+                                              GROUP_T=group, num_warps=warps, num_stages=stages)
+        try:
+            y_cache.copy_(y0)
+            tma_d()
+            err = rel_err(y_cache - y0, y_ref)
+            rec(shape, f"mm2 TMA delta tiles {bd}x{bk} w{warps} s{stages} group={group} epi_split=2",
+                graph_ms(tma_d, False), err=err)
+        except Exception as e:  # noqa: BLE001
+            rec(shape, f"mm2 TMA delta FAILED {type(e).__name__}: {str(e)[:80]}", -1.0)
 
 
 def attention_rows():
@@ -243,11 +360,13 @@ def main():
     import argparse
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="sel,mm1,mm2")
+    parser.add_argument("--shapes", default="4608:0.7,4608:0.9,16896:0.7,16896:0.9", help="N:sparsity list")
+    args = parser.parse_args()
     ONLY.clear()
-    ONLY.update(parser.parse_args().only.split(","))
-    for N in (4608, 16896):
-        for sp in (0.7, 0.9):
-            bench(N, sp)
+    ONLY.update(args.only.split(","))
+    for shape in args.shapes.split(","):
+        n, sp = shape.split(":")
+        bench(int(n), float(sp))
     if "sel" in ONLY:
         attention_rows()
     write_results("mlp_experiments" + ("" if ONLY == {"sel", "mm1", "mm2"} else "_" + "_".join(sorted(ONLY))),

@@ -15,6 +15,7 @@ MODES = ("chipmunk", "dense")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 KERNEL_PROVIDERS = ("auto", "torch", "triton")
 STATIC_COLUMNS = ("auto", "none")
+CACHE_DTYPES = ("float32", "model")
 
 OPTION_DOCS: dict[str, str] = {
     "mode": "'chipmunk': delta-cache sparsity per the schedules; 'dense': graph rewritten but every step dense "
@@ -39,6 +40,10 @@ OPTION_DOCS: dict[str, str] = {
     "mlp_refresh_every": "From mlp_refresh_until on, the selection is refreshed every k-th step.",
     "mlp_token_block": "Tokens sharing one hidden-unit selection (consecutive tokens).",
     "mlp_unit_tile": "The number of kept hidden units is rounded to a multiple of this.",
+    "mlp_output_cache_dtype": "Precision of the cached MLP output y that sparse steps correct in place: 'float32' "
+                              "(corrections accumulate unrounded) or 'model': the MLP input's dtype (bf16/fp16 "
+                              "models: half the cache memory and of the sparse step's cache traffic; y is rounded "
+                              "once per sparse step, as in the reference implementation).",
     "token_grid": "(frames, height, width) of the image/video tokens in the model's sequence (latent tokens after "
                   "patchifying, e.g. (1, 64, 64) for a FLUX 1024x1024 image). When given, query groups and MLP token "
                   "blocks are formed from spatial tiles of token_tile instead of consecutive raster tokens (the "
@@ -85,6 +90,7 @@ class ChipmunkOptions:
     mlp_refresh_every: int = 2
     mlp_token_block: int = 128
     mlp_unit_tile: int = 64
+    mlp_output_cache_dtype: str = "float32"
     token_grid: tuple[int, int, int] | None = None
     token_tile: tuple[int, int, int] = (1, 8, 8)
     first_dense_layers: int = 2
@@ -135,7 +141,8 @@ class ChipmunkOptions:
                 fail(key, " or ".join(t.__name__ for t in types))
 
         for key, choices in (("mode", MODES), ("inner_backend", INNER_BACKENDS),
-                             ("kernels", KERNEL_PROVIDERS), ("attn_static_columns", STATIC_COLUMNS)):
+                             ("kernels", KERNEL_PROVIDERS), ("attn_static_columns", STATIC_COLUMNS),
+                             ("mlp_output_cache_dtype", CACHE_DTYPES)):
             if getattr(self, key) not in choices:
                 fail(key, " | ".join(repr(c) for c in choices))
         for key in ("attn_sparsity", "attn_random_fraction", "mlp_sparsity", "mlp_random_fraction"):

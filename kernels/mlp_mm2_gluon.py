@@ -137,7 +137,9 @@ def supports(delta, w2, y_cache, token_block: int) -> str | None:
         return "needs 128-token blocks"
     if delta.dtype not in (torch.bfloat16, torch.float16) or w2.dtype != delta.dtype:
         return "needs bf16/fp16 weights and deltas"
-    if y_cache.dtype != torch.float32 or y_cache.stride(-1) != 1 or w2.stride(0) != 1:
+    if y_cache.dtype != torch.float32:
+        return "needs a float32 y_cache"
+    if y_cache.stride(-1) != 1 or w2.stride(0) != 1:
         return "needs W2^T rows and y_cache rows contiguous"
     if w2.stride(1) % 16 or w2.data_ptr() % 16 or delta.shape[-1] % 16 or delta.data_ptr() % 16:
         return "needs 16-byte aligned W2^T rows and unit lists of a multiple of 16"

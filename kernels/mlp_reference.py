@@ -100,7 +100,8 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
                 None if w_up is None else w_up[sel].to(cd), None if b_up is None else b_up[sel].to(cd),
                 activation)
             delta = a_new - a_cache[b, rows][:, sel].to(cd)
-            y_cache[b, rows] += (delta @ w2[:, sel].to(cd).t()).to(y_cache.dtype)
+            # Summed in the compute dtype and rounded once into y_cache (any float dtype), as the kernel does.
+            y_cache[b, rows] = (y_cache[b, rows].to(cd) + delta @ w2[:, sel].to(cd).t()).to(y_cache.dtype)
             a_cache[b, rows, sel] = a_new.to(a_cache.dtype)
     if out is not None:
         out.copy_(y_cache)

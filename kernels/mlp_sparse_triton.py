@@ -12,8 +12,9 @@ Two kernels, each a GEMM whose reduction or output columns are gathered through 
   Taking the delta against the rounded new value keeps y_cache - W2 a_cache from drifting over steps.
 - mm2, one program per (row tile, tile of BLOCK_D output features, batch): accumulates
   delta[rows, :] @ W2[:, S]^T over the K selected units in BLOCK_K chunks, gathering rows of W2^T, and adds
-  the tile into y_cache (fp32) with one read-modify-write (or one relaxed atomic add per element, Y_ATOMIC):
-  each output element belongs to one program.
+  the tile into y_cache with one read-modify-write, summed in fp32 and rounded once into y_cache's dtype (fp32,
+  or the activations' dtype with the option mlp_output_cache_dtype='model'; fp32 also allows one relaxed atomic
+  add per element, Y_ATOMIC): each output element belongs to one program.
 
 Layout: every operand is taken through its strides. Gathers are coalesced when W2 is stored as W2^T (pass
 ``w2t.t()`` for a contiguous w2t [F, Dout]) and a_cache is unit-major (pass ``a.transpose(1, 2)`` of a
@@ -72,7 +73,7 @@ def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
                     N, C, nb, n_sel, token_block,
                     HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_C: tl.constexpr, FULL_T: tl.constexpr, GROUP_T: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, EPI_SPLIT: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     tiles_per_block = tl.cdiv(token_block, BLOCK_T)
     pid_t, pid_f = _tile_coords(tl.program_id(0), nb * tiles_per_block, tl.cdiv(n_sel, BLOCK_F), GROUP_T)
@@ -113,12 +114,51 @@ def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
         wg_ptrs += BLOCK_C * stride_wgc
         wu_ptrs += BLOCK_C * stride_wuc
 
-    h = acc_g
+    # The epilogue walks the tile in EPI_SPLIT column slices: its temporaries (bias, activation, cached values,
+    # pointers) then live for a slice at a time next to the accumulator instead of for the whole tile.
+    args = (rows, local, row_ok, b, sel_base, IDX, BG, BU, ACACHE, DELTA, stride_ab, stride_an, stride_af, n_sel,
+            token_block, HAS_BG, GATED, HAS_BU, ACT)
+    first = pid_f * BLOCK_F
+    if EPI_SPLIT == 1:
+        _mm1_epilogue(acc_g, acc_u, first, BLOCK_F, *args)
+    elif EPI_SPLIT == 2:
+        g0, g1 = _column_halves(acc_g, BLOCK_T, BLOCK_F)
+        u0, u1 = _column_halves(acc_u, BLOCK_T, BLOCK_F)
+        _mm1_epilogue(g0, u0, first, BLOCK_F // 2, *args)
+        _mm1_epilogue(g1, u1, first + BLOCK_F // 2, BLOCK_F // 2, *args)
+    else:
+        tl.static_assert(EPI_SPLIT == 4, "EPI_SPLIT is 1, 2 or 4")
+        g0, g1 = _column_halves(acc_g, BLOCK_T, BLOCK_F)
+        u0, u1 = _column_halves(acc_u, BLOCK_T, BLOCK_F)
+        g00, g01 = _column_halves(g0, BLOCK_T, BLOCK_F // 2)
+        u00, u01 = _column_halves(u0, BLOCK_T, BLOCK_F // 2)
+        _mm1_epilogue(g00, u00, first, BLOCK_F // 4, *args)
+        _mm1_epilogue(g01, u01, first + BLOCK_F // 4, BLOCK_F // 4, *args)
+        g10, g11 = _column_halves(g1, BLOCK_T, BLOCK_F // 2)
+        u10, u11 = _column_halves(u1, BLOCK_T, BLOCK_F // 2)
+        _mm1_epilogue(g10, u10, first + BLOCK_F // 2, BLOCK_F // 4, *args)
+        _mm1_epilogue(g11, u11, first + 3 * (BLOCK_F // 4), BLOCK_F // 4, *args)
+
+
+@triton.jit
+def _column_halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """t[:, :COLS // 2], t[:, COLS // 2:] (register subsets of an MMA accumulator: no data movement)."""
+    return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _mm1_epilogue(h, up, first, WIDTH: tl.constexpr, rows, local, row_ok, b, sel_base, IDX, BG, BU, ACACHE, DELTA,
+                  stride_ab, stride_an, stride_af, n_sel, token_block,
+                  HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr):
+    """Columns [first, first + WIDTH) of an mm1 tile: bias, activation (x up path), delta against a_cache,
+    a_cache overwritten."""
+    offs_f = first + tl.arange(0, WIDTH)
+    f_ok = offs_f < n_sel
+    units = tl.load(IDX + sel_base + offs_f, mask=f_ok, other=0).to(tl.int64)
     if HAS_BG:
         h += tl.load(BG + units).to(tl.float32)[None, :]
     a = _activation(h, ACT)
     if GATED:
-        up = acc_u
         if HAS_BU:
             up += tl.load(BU + units).to(tl.float32)[None, :]
         a = a * up
@@ -138,7 +178,7 @@ def _mlp_mm2_kernel(DELTA, IDX, W2, Y, OUT,
                     N, Dout, nb, n_sel, token_block,
                     PRECISION: tl.constexpr, GROUP_T: tl.constexpr, FULL_T: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, Y_ATOMIC: tl.constexpr, HAS_OUT: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, EPI_SPLIT: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     tiles_per_block = tl.cdiv(token_block, BLOCK_T)
     pid_t, pid_d = _tile_coords(tl.program_id(0), nb * tiles_per_block, tl.cdiv(Dout, BLOCK_D), GROUP_T)
@@ -168,20 +208,38 @@ def _mlp_mm2_kernel(DELTA, IDX, W2, Y, OUT,
                         other=0.0)
         acc = tl.dot(d, w, acc, input_precision=PRECISION)
 
+    args = (rows, row_ok, b, Y, OUT, stride_yb, stride_yn, stride_yo, stride_ob, stride_on, stride_oo, Dout,
+            Y_ATOMIC, HAS_OUT)
+    first = pid_d * BLOCK_D
+    if EPI_SPLIT == 1:
+        _mm2_epilogue(acc, first, BLOCK_D, *args)
+    else:  # the y_cache read-modify-write in column halves: half the y tile in registers at a time
+        tl.static_assert(EPI_SPLIT == 2, "EPI_SPLIT is 1 or 2")
+        acc0, acc1 = _column_halves(acc, BLOCK_T, BLOCK_D)
+        _mm2_epilogue(acc0, first, BLOCK_D // 2, *args)
+        _mm2_epilogue(acc1, first + BLOCK_D // 2, BLOCK_D // 2, *args)
+
+
+@triton.jit
+def _mm2_epilogue(acc, first, WIDTH: tl.constexpr, rows, row_ok, b, Y, OUT, stride_yb, stride_yn, stride_yo,
+                  stride_ob, stride_on, stride_oo, Dout, Y_ATOMIC: tl.constexpr, HAS_OUT: tl.constexpr):
+    """Output columns [first, first + WIDTH) of an mm2 tile: y_cache += acc, and the op's output."""
+    offs_o = first + tl.arange(0, WIDTH)
+    o_ok = offs_o < Dout
     y_ptrs = Y + b * stride_yb + rows[:, None] * stride_yn + offs_o[None, :] * stride_yo
     mask = row_ok[:, None] & o_ok[None, :]
-    if Y_ATOMIC:
+    if Y_ATOMIC and Y.dtype.element_ty == tl.float32:  # (a 16-bit y_cache always takes the read-modify-write)
         y = tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")  # the old value (each element has one writer)
-    else:
-        y = tl.load(y_ptrs, mask=mask, other=0.0)
-        tl.store(y_ptrs, y + acc, mask=mask)
+    else:  # summed in fp32, rounded once into y_cache's dtype
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + acc).to(Y.dtype.element_ty), mask=mask)
     if HAS_OUT:  # the op's output, y_cache in the activations' dtype, without a second pass over y_cache
         o_ptrs = OUT + b * stride_ob + rows[:, None] * stride_on + offs_o[None, :] * stride_oo
-        tl.store(o_ptrs, (y + acc).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs, (y + acc).to(Y.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
 
 
-_MM1_DEFAULT = {"BLOCK_F": 32, "BLOCK_C": 32, "GROUP_T": 0, "num_warps": 4, "num_stages": 2}
-_MM2_DEFAULT = {"BLOCK_D": 32, "BLOCK_K": 32, "GROUP_T": 0, "num_warps": 4, "num_stages": 2}
+_MM1_DEFAULT = {"BLOCK_F": 32, "BLOCK_C": 32, "GROUP_T": 0, "EPI_SPLIT": 1, "num_warps": 4, "num_stages": 2}
+_MM2_DEFAULT = {"BLOCK_D": 32, "BLOCK_K": 32, "GROUP_T": 0, "EPI_SPLIT": 1, "num_warps": 4, "num_stages": 2}
 
 
 def _full_t(a) -> bool:
@@ -189,36 +247,45 @@ def _full_t(a) -> bool:
     return a["token_block"] % a["BLOCK_T"] == 0 and a["N"] % a["token_block"] == 0
 
 
-def _c1(bf, bc, warps, stages, group_t=0):
-    return triton.Config({"BLOCK_F": bf, "BLOCK_C": bc, "GROUP_T": group_t}, num_warps=warps, num_stages=stages)
-
-
-def _c2(bd, bk, warps, stages, group_t=0, y_atomic=0):
-    return triton.Config({"BLOCK_D": bd, "BLOCK_K": bk, "GROUP_T": group_t, "Y_ATOMIC": y_atomic},
+def _c1(bf, bc, warps, stages, group_t=0, epi_split=1):
+    return triton.Config({"BLOCK_F": bf, "BLOCK_C": bc, "GROUP_T": group_t, "EPI_SPLIT": epi_split},
                          num_warps=warps, num_stages=stages)
 
 
-# Measured on H100 (benchmarks/KERNEL_NOTES.md): 128 x 256 mm1 tiles win at every shape; mm2 prefers 128 x 128
-# tiles at 4 warps or 128 x 256 at 8; grouping row tiles (GROUP_T) keeps a group's activations in L2.
+def _c2(bd, bk, warps, stages, group_t=0, y_atomic=0, epi_split=1):
+    return triton.Config({"BLOCK_D": bd, "BLOCK_K": bk, "GROUP_T": group_t, "Y_ATOMIC": y_atomic,
+                          "EPI_SPLIT": epi_split}, num_warps=warps, num_stages=stages)
+
+
+# Measured on H100 (benchmarks/KERNEL_NOTES.md): 128 x 256 mm1 tiles win at every shape; grouping row tiles
+# (GROUP_T) keeps a group's activations in L2 while the unit tiles sweep past (sorted unit lists make concurrent
+# programs of one unit-tile index read nearby W1 rows). Splitting mm1's epilogue (EPI_SPLIT) removes its spills
+# but measured 0-8 % slower, so mm1 keeps the whole-tile epilogue.
 _MM1_CONFIGS = [
     _c1(256, 64, 8, 3),
     _c1(256, 64, 8, 3, 8),
+    _c1(256, 64, 8, 3, 16),
     _c1(256, 64, 8, 3, 32),
+    _c1(256, 64, 8, 3, 64),
     _c1(128, 64, 8, 4, 8),
 ]
+# mm2: num_stages >= 5 because its W2^T rows are addressed through the unit list loaded in the same loop, and
+# Triton 3.6 software-pipelines such indirect loads only from 5 stages on (3 buffers, loads two steps ahead; at
+# 3-4 stages it waits for every load each step): 11-25 % faster than the best 3-4 stage configs. The epilogue
+# adds the tile into y_cache in two column halves (EPI_SPLIT=2: no spills; 2-7 % faster than the whole tile).
+# GROUP_T sets how many token blocks' packed deltas stay in L2 while the output tiles sweep past (the deltas
+# of all blocks exceed L2 at N16896: every output tile column would re-read them from HBM).
 # Y_ATOMIC=1 adds the tile into y_cache with relaxed fp32 atomics instead of load + add + store: each element is
 # still written by exactly one program (same result), but the y tile never occupies registers next to the
 # accumulator.
-# num_stages >= 5: mm2's W2^T rows are addressed through the unit list loaded in the same loop, and Triton 3.6
-# software-pipelines such indirect loads only from 5 stages on (3 buffers, loads two steps ahead; at 3-4 stages it
-# waits for every load each step). Measured on H100 (benchmarks/mlp_experiments.py): 11-25 % faster than the best
-# 3-4 stage configs at every benchmark shape, which these replace.
 _MM2_CONFIGS = [
-    _c2(256, 64, 8, 5),
-    _c2(128, 64, 4, 5),
-    _c2(128, 128, 8, 5),
-    _c2(128, 128, 8, 5, 32, y_atomic=1),
-    _c2(256, 64, 8, 5, 8),
+    _c2(256, 64, 8, 5, 0, 0, 2),
+    _c2(256, 64, 8, 5, 8, 0, 2),
+    _c2(256, 64, 8, 5, 32, 0, 2),
+    _c2(256, 64, 8, 5, 64, 0, 2),
+    _c2(128, 64, 4, 5, 0, 0, 2),
+    _c2(128, 64, 4, 5, 32, 0, 2),
+    _c2(128, 128, 8, 5, 32, 1, 2),
 ]
 _mm1 = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_C"] == 0, "FULL_T": _full_t})(_mlp_mm1_kernel)
 _mm2 = triton.heuristics({"FULL_T": _full_t, "EVEN_K": lambda a: a["n_sel"] % a["BLOCK_K"] == 0,
@@ -269,7 +336,9 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
     Dout = w2.shape[0]
     assert indices.shape[0] == B and nb == -(-N // token_block), (indices.shape, N, token_block)
     assert a_cache.shape == (B, N, w_gate.shape[0]) and y_cache.shape == (B, N, Dout)
-    assert y_cache.dtype == torch.float32
+    if y_cache.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"sparse MLP: y_cache must be float32 or the activations' dtype ({x.dtype}), "
+                         f"got {y_cache.dtype}")
     indices = indices.contiguous()
     if delta is None:
         delta = torch.empty((B, nb, token_block, n_sel), dtype=x.dtype, device=x.device)
@@ -303,8 +372,8 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
         if run_mm2 and ws is None:
             _mm2_launch(_grid2(grid_t, Dout, B), mm2_args, mm2_meta)
     else:
-        c1 = {"GROUP_T": 0, **config["mm1"]}
-        c2 = {"GROUP_T": 0, "Y_ATOMIC": 0, **config["mm2"]}
+        c1 = {"GROUP_T": 0, "EPI_SPLIT": 1, **config["mm1"]}
+        c2 = {"GROUP_T": 0, "Y_ATOMIC": 0, "EPI_SPLIT": 1, **config["mm2"]}
         if run_mm1:
             _mm1[_grid1(grid_t, n_sel, B)(c1)](*mm1_args, **mm1_meta, **c1)
         if run_mm2 and ws is None:

@@ -55,8 +55,9 @@ def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int
     inv, dev = options.invocations_per_step, cache_device or fx_.device
     prefix = f"chipmunk_s{site_index}"
     with torch.no_grad():
+        y_dtype = torch.float32 if options.mlp_output_cache_dtype == "float32" else fx_.dtype
         y_cache = add_state_buffer(gm, f"{prefix}_y_cache",
-                                   torch.zeros(inv, batch, tokens, d_out, dtype=torch.float32, device=dev), out)
+                                   torch.zeros(inv, batch, tokens, d_out, dtype=y_dtype, device=dev), out)
         # Unit-major [.., F, N]: the sparse kernels gather whole units (rows here) for a token block.
         a_cache = add_state_buffer(gm, f"{prefix}_a_cache",
                                    torch.zeros(inv, batch, num_units, tokens, dtype=fx_.dtype, device=dev), out)

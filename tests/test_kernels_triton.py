@@ -317,6 +317,13 @@ MLP_CASES = [
     (1, 64, 32, 64, 32, 16, 32, "silu", True, torch.float32, True,
      {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
       "mm2": {"BLOCK_D": 16, "BLOCK_K": 16, "Y_ATOMIC": 1, "GROUP_T": 2, "num_warps": 4, "num_stages": 1}}),
+    # Epilogues in column slices (2 / 4 for mm1, 2 for mm2), with ragged units / outputs in the last slice.
+    (2, 45, 48, 72, 40, 16, 41, "gelu_tanh", True, torch.float16, True,
+     {"mm1": {"BLOCK_F": 32, "BLOCK_C": 16, "EPI_SPLIT": 2, "num_warps": 4, "num_stages": 1},
+      "mm2": {"BLOCK_D": 32, "BLOCK_K": 16, "EPI_SPLIT": 2, "num_warps": 4, "num_stages": 1}}),
+    (1, 64, 32, 80, 64, 32, 64, "gelu", False, torch.float32, True,
+     {"mm1": {"BLOCK_F": 64, "BLOCK_C": 16, "EPI_SPLIT": 4, "GROUP_T": 2, "num_warps": 4, "num_stages": 1},
+      "mm2": {"BLOCK_D": 32, "BLOCK_K": 16, "EPI_SPLIT": 2, "Y_ATOMIC": 1, "num_warps": 4, "num_stages": 1}}),
 ]
 
 
@@ -411,3 +418,37 @@ def test_backend_with_triton_kernels_all_selected_equals_eager(name):
         assert rel_err(a, b) < 2e-5, (step, rel_err(a, b))
     counters = newest_runtimes(before)[0].site_counters
     assert counters.get("attention:sparse", 0) > 0 and counters.get("mlp:sparse_refresh", 0) > 0, counters
+
+
+@pytest.mark.parametrize("dtype,config", [
+    (torch.float16, None),
+    (torch.float16, {"mm1": {"BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+                      "mm2": {"BLOCK_D": 32, "BLOCK_K": 16, "EPI_SPLIT": 2, "Y_ATOMIC": 1, "num_warps": 4,
+                              "num_stages": 1}}),
+])
+def test_sparse_mlp_update_16bit_output_cache(nan_empty, dtype, config):
+    """y_cache in the activations' dtype (option mlp_output_cache_dtype='model'): the correction is summed in fp32
+    and y rounded once (Y_ATOMIC falls back to the read-modify-write), as the reference rounds once. (fp16: the
+    interpreter has no bf16 arithmetic; the GPU check in benchmarks/kernels.py runs bf16.)"""
+    B, N, C, F, Dout, T, K = 2, 45, 32, 48, 40, 16, 20
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(B, N, C, generator=gen).to(dtype)
+    w_gate, b_gate = (torch.randn(F, C, generator=gen) * C ** -0.5).to(dtype), torch.randn(F, generator=gen).to(dtype)
+    w2 = (torch.randn(Dout, F, generator=gen) * F ** -0.5).to(dtype)
+    nb = -(-N // T)
+    indices = torch.stack([torch.randperm(F, generator=gen)[:K].sort().values for _ in range(B * nb)]).view(B, nb, K)
+    a0, y0 = torch.randn(B, N, F, generator=gen).to(dtype), (4 * torch.randn(B, N, Dout, generator=gen)).to(dtype)
+    a_ref, y_ref = a0.double(), y0.clone()
+    mlp_ref.sparse_mlp_update(x.double(), w_gate.double(), b_gate.double(), None, None, w2.double(), "gelu_tanh",
+                              indices, a_ref, y_ref, T)
+    assert y_ref.dtype == dtype
+    a, y = a0.transpose(1, 2).contiguous().transpose(1, 2), y0.clone()
+    out = torch.full((B, N, Dout), float("nan"), dtype=dtype)
+    mlp_tr.sparse_mlp_update(x, w_gate, b_gate, None, None, w2.t().contiguous().t(), "gelu_tanh", indices.int(), a,
+                             y, T, config=config, out=out)
+    _close(a, a_ref, dtype, "a_cache")
+    _close(y, y_ref, dtype, "y_cache")
+    assert torch.equal(out, y)
+    with pytest.raises(ValueError, match="y_cache must be float32 or the activations' dtype"):
+        mlp_tr.sparse_mlp_update(x, w_gate, b_gate, None, None, w2, "gelu_tanh", indices.int(), a,
+                                 y.to(torch.bfloat16), T)
