@@ -4,11 +4,14 @@ Part 1, correctness (small Flux transformer, bf16, random weights, 12 steps with
 call compared with eager on the same inputs):
   - mode="dense" vs eager; all columns/units selected vs eager (both exact up to bf16 rounding);
   - default chipmunk vs eager (approximate: reported);
-  - mode="reduce-overhead" (CUDA graphs around the chipmunk ops) vs the same backend without CUDA graphs.
+  - mode="reduce-overhead" (CUDA graphs around the chipmunk ops) vs the same backend without CUDA graphs;
+  - option mlp_output_cache_dtype='model' (bf16 y_cache): all selected vs eager, default sparsity vs eager and
+    vs the float32-cache run.
 Part 2, speed (a FLUX-width transformer: 3072 wide, 24 heads of 128, 2 double + 4 single blocks, 1024x1024
 image = 4096 image + 512 text tokens, bf16): median step time of plain Inductor vs chipmunk on dense steps,
 sparse steps and over a whole 50-step schedule (per step with a sync after each, and a whole generation with
-one sync at the end), plus every host synchronisation the chipmunk steps make.
+one sync at the end), plus every host synchronisation the chipmunk steps make; also with CUDA graphs and with
+the bf16 y_cache option.
 Prints a table; writes backend_<gpu>.json to $OUT or benchmarks/results. ``--speed-only``: part 2 in the default
 torch.compile mode only.
 """
@@ -100,6 +103,14 @@ def part1():
           options={**base, "attn_sparsity": 0.0, "mlp_sparsity": 0.0, "attn_random_fraction": 0.0,
                    "mlp_random_fraction": 0.0})
     default = check("default chipmunk vs eager", model, seq, eager, None, options=base)
+    # Option mlp_output_cache_dtype='model' (bf16 y_cache): exact up to bf16 rounding with everything selected;
+    # with the default sparsity its outputs are compared with eager and with the float32-cache run.
+    model_cache = {**base, "mlp_output_cache_dtype": "model"}
+    check("all selected, bf16 y_cache vs eager", model, seq, eager, limit,
+          options={**model_cache, "attn_sparsity": 0.0, "mlp_sparsity": 0.0, "attn_random_fraction": 0.0,
+                   "mlp_random_fraction": 0.0})
+    check("default, bf16 y_cache vs eager", model, seq, eager, None, options=model_cache)
+    check("default, bf16 y_cache vs fp32 y_cache", model, seq, default, None, options=model_cache)
     from torch._dynamo.utils import counters
     counters.clear()
     check("reduce-overhead vs default chipmunk", model, seq, default, 2e-2, mode="reduce-overhead")
@@ -146,8 +157,9 @@ def host_syncs(fn, inp):
     return [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
 
 
-def part2(torch_mode=None):
-    """Plain Inductor vs chipmunk, both compiled with the same torch.compile mode."""
+def part2(torch_mode=None, extra_options=None):
+    """Plain Inductor vs chipmunk, both compiled with the same torch.compile mode (``extra_options``: chipmunk
+    options on top of the defaults)."""
     model = flux(24, 128, 2, 4, text_dim=4096)
     inp = inputs(64, 512, text_dim=4096)
     mode_kw = {} if torch_mode is None else {"mode": torch_mode}
@@ -162,7 +174,8 @@ def part2(torch_mode=None):
     t0 = time.perf_counter()
     # A custom backend gets either mode or options: CUDA graphs are asked for through the cudagraphs option.
     ours = torch.compile(model, backend="chipmunk", options={"first_dense_layers": 0, "num_steps": 50,
-                                                             "cudagraphs": torch_mode == "reduce-overhead"})
+                                                             "cudagraphs": torch_mode == "reduce-overhead",
+                                                             **(extra_options or {})})
     times = step_times(ours, inp, 50, 0)  # a whole generation: step i of the schedule is call i
     compile_ours = time.perf_counter() - t0
     times2 = step_times(ours, inp, 50, 0)  # second generation, everything compiled
@@ -177,7 +190,7 @@ def part2(torch_mode=None):
     dense_steps = [t for s, t in enumerate(times2) if opts.attention_dense_at(s) or opts.mlp_dense_at(s)]
     sparse_steps = [t for s, t in enumerate(times2) if not (opts.attention_dense_at(s) or opts.mlp_dense_at(s))]
     row = dict(model="flux-width 3072, 2 double + 4 single, 4096+512 tokens, bf16",
-               torch_compile_mode=torch_mode or "default",
+               torch_compile_mode=torch_mode or "default", extra_options=extra_options or {},
                first_dense_layers=0, dense_inductor_ms=dense_ms,
                chipmunk_dense_step_ms=statistics.median(dense_steps),
                chipmunk_sparse_step_ms=statistics.median(sparse_steps),
@@ -202,6 +215,7 @@ def main():
     part2()
     if not speed_only:
         part2("reduce-overhead")
+        part2(None, {"mlp_output_cache_dtype": "model"})
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()

@@ -14,7 +14,9 @@ All times are CUDA-graph replays (GPU time, no Python launch overhead), medians:
   addressed through the unit list loaded in the same loop, and Triton 3.6 only double-buffers such indirect loads
   when num_stages >= 5), epilogue-split configs, delta tiles through TMA; each new config's output is checked
   against the default's.
-Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2,persistent]   (prints a table; JSON via results_io)
+- ceilings (``--only ceiling``): Triton's own dense GEMM with mm1's tile (no gather) next to cuBLAS, and the
+  scoring GEMM / noise draw variants.
+Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2,persistent,ceiling] [--shapes N:sp,...]   (prints a table; JSON via results_io)
 """
 from __future__ import annotations
 
@@ -133,6 +135,56 @@ def _mm2_tma_delta(D_DESC, IDX, W2, Y, OUT, stride_w2f, stride_yn, stride_on, Do
                   Dout, False, True)
     _mm2_epilogue(acc1, pid_d * BLOCK_D + BLOCK_D // 2, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1, 0,
                   stride_on, 1, Dout, False, True)
+
+
+@triton.jit
+def _dense_gemm_bt(A, B, Cout, M, N, K, stride_am, stride_bn, stride_cm, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # C = A @ B^T with the mm1 tile (128 x 256 x 64), no gather and no epilogue work: Triton's own ceiling for
+    # this tile on this GPU (M % BLOCK_M == N % BLOCK_N == K % BLOCK_K == 0).
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M // BLOCK_M, N // BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rm[:, None] * stride_am + rk[None, :]
+    b_ptrs = B + rn[None, :] * stride_bn + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    tl.store(Cout + rm[:, None] * stride_cm + rn[None, :], acc.to(Cout.dtype.element_ty))
+
+
+def ceilings(N, sp, C=3072, Fh=12288):
+    """Triton's dense GEMM with the mm1 tile (no gather) vs cuBLAS on mm1's FLOPs; the scoring GEMM as
+    F.linear (nb x F output) vs the transposed product (F x nb) cuBLAS may tile across more SMs."""
+    torch.manual_seed(3)
+    shape = f"N{N} sp{sp}"
+    k = kept(Fh, sp, 256)
+    x = torch.randn(N, C, device=DEV, dtype=BF16)
+    w1 = torch.randn(Fh, C, device=DEV, dtype=BF16) * C ** -0.5
+    b1 = torch.randn(Fh, device=DEV, dtype=BF16)
+    w1k = w1[:k].contiguous()
+    out = torch.empty(N, k, device=DEV, dtype=BF16)
+    rec(shape, "cuBLAS x @ W1[:k]^T", graph_ms(lambda: torch.mm(x, w1k.t(), out=out), False))
+    for group, stages in ((0, 3), (8, 3), (32, 3), (8, 4)):
+        def tri():
+            _dense_gemm_bt[(N // 128 * (k // 256),)](x, w1k, out, N, k, C, x.stride(0), w1k.stride(0), out.stride(0),
+                                                      BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=group,
+                                                      num_warps=8, num_stages=stages)
+        tri()
+        err = rel_err(out, x @ w1k.t())
+        rec(shape, f"Triton dense 128x256x64 GEMM (no gather) group={group} stages={stages}", graph_ms(tri, False),
+            err=err)
+    nb = N // T
+    mb = x.reshape(nb, T, C).mean(dim=1).to(BF16)
+    rec(shape, "scoring GEMM F.linear(means, W1, b1) [nb x F]", graph_ms(lambda: F.linear(mb, w1, b1), False))
+    rec(shape, "scoring GEMM addmm(b1, W1, means^T) [F x nb]",
+        graph_ms(lambda: torch.addmm(b1[:, None], w1, mb.t()), False))
+    noise = torch.empty(nb, Fh, device=DEV)
+    rec(shape, "noise uniform_", graph_ms(lambda: noise.uniform_(), False))
+    rec(shape, "noise torch.rand", graph_ms(lambda: torch.rand(nb, Fh, device=DEV), False))
 
 
 def bench(N, sp, C=3072, Fh=12288):
@@ -366,7 +418,10 @@ def main():
     ONLY.update(args.only.split(","))
     for shape in args.shapes.split(","):
         n, sp = shape.split(":")
-        bench(int(n), float(sp))
+        if "ceiling" in ONLY:
+            ceilings(int(n), float(sp))
+        if ONLY & {"sel", "mm1", "mm2", "persistent"}:
+            bench(int(n), float(sp))
     if "sel" in ONLY:
         attention_rows()
     write_results("mlp_experiments" + ("" if ONLY == {"sel", "mm1", "mm2"} else "_" + "_".join(sorted(ONLY))),
