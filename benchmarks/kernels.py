@@ -11,14 +11,15 @@ relative L2 error below 2e-2. Then times, with triton.testing.do_bench (median, 
   Triton time is recorded too) and the dense kernel with LSE + column mass as dispatched (the warp-specialised
   Gluon kernel on Hopper; the Triton kernel's time beside it) vs SDPA (the dense-step overhead);
 - mlp: full refresh step as the op runs it (block means + scoring GEMM + the Triton selection kernel + mm1 +
-  mm2 with fused write-back and the bf16 output from mm2's epilogue; every timed refresh starts from the same
-  references; the kernels-only, mm2-alone, torch-selection and CUDA-graph replay times recorded beside) vs the
-  dense torch MLP; ideal = dense time x kept fraction;
+  mm2 with fused write-back and the bf16 output from mm2's epilogue; y_cache in bf16 as by default; every timed
+  refresh starts from the same references; the kernels-only, mm2-alone, torch-selection, CUDA-graph replay and
+  float32-y_cache times recorded beside) vs the dense torch MLP; ideal = dense time x kept fraction;
 - attention_selection: the selection over the column mass of a dense step (Triton kernel; torch.topk beside),
   and the share of the sparse step spent on the output-cache read/write (bytes / measured copy bandwidth).
 
 Prints a table and writes kernels_<gpu>.json (and a speedup-vs-sparsity PNG) to $OUT or benchmarks/results.
-Usage: python benchmarks/kernels.py [--quick | --sweep [dense,sparse,mlp]]   (--sweep: every candidate config of
+Usage: python benchmarks/kernels.py [--quick | --sweep [dense,sparse,mlp]] [--only attention,dense,mlp]
+(--only: those sections, JSON named kernels_<gpu>_only_<sections>.json; --sweep: every candidate config of
 the named kernels timed explicitly, written to sweep.json; see benchmarks/KERNEL_NOTES.md)
 """
 from __future__ import annotations
@@ -175,7 +176,7 @@ def check_correctness():
     errs["mlp a_cache"] = rel_err(a, a_ref)
     errs["mlp y delta"] = rel_err(y - y0, y_ref - y0)
     errs["mlp out = y_cache"] = rel_err(out, y)
-    # The same with a bf16 y_cache (option mlp_output_cache_dtype='model'): reference rounds y once, as the kernel.
+    # The same with a bf16 y_cache (the default, mlp_output_cache_dtype='model'): reference rounds y once, as the kernel.
     y16_ref = y0.to(BF16)
     mlp_ref.sparse_mlp_update(x.float(), w1.float(), b1.float(), None, None, w2.float(), "gelu_tanh", idx,
                               a0.float(), y16_ref, T)
@@ -288,8 +289,9 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
     # Cache layouts the kernels gather from efficiently (one-time weight transform; unit-major activations).
     w2_t = w2.t().contiguous().t()
     a_cache = F.gelu(F.linear(x, w1, b1), approximate="tanh")[0].t().contiguous().unsqueeze(0).transpose(1, 2)
-    y_cache = torch.randn(1, N, C, device=DEV)
-    y_cache16 = y_cache.to(BF16)
+    # The output cache in the model's dtype (the default, mlp_output_cache_dtype='model'), and in float32.
+    y_cache32 = torch.randn(1, N, C, device=DEV)
+    y_cache = y_cache32.to(BF16)
     assert N % TOKEN_BLOCK == 0
     nb = N // TOKEN_BLOCK
     hbar_cache = torch.randn(1, nb, Fh, device=DEV)
@@ -317,7 +319,7 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         idx = select(k)
 
         def step(generator=gen):
-            # A refresh step end to end, returning the op's output (y_cache in bf16, from mm2's epilogue).
+            # A refresh step end to end with the default bf16 y_cache; mm2's epilogue also writes the op's output.
             hbar_cache.copy_(hbar0)
             mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", select(k, generator=generator),
                                      a_cache, y_cache, TOKEN_BLOCK, out=out)
@@ -342,13 +344,13 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
         kernels_ms = ms(lambda: mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache,
                                                          y_cache, TOKEN_BLOCK), quick)
 
-        def step_bf16_cache(generator=gen):
-            # The same step with option mlp_output_cache_dtype='model' (y_cache in bf16).
+        def step_fp32_cache(generator=gen):
+            # The same step with option mlp_output_cache_dtype='float32'.
             hbar_cache.copy_(hbar0)
             mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", select(k, generator=generator),
-                                     a_cache, y_cache16, TOKEN_BLOCK, out=out)
-        bf16_cache_ms = ms(step_bf16_cache, quick) - restore_ms
-        bf16_cache_graph_ms = graph_ms(lambda: step_bf16_cache(None), quick) - restore_ms
+                                     a_cache, y_cache32, TOKEN_BLOCK, out=out)
+        fp32_cache_ms = ms(step_fp32_cache, quick) - restore_ms
+        fp32_cache_graph_ms = graph_ms(lambda: step_fp32_cache(None), quick) - restore_ms
         # mm2 alone on mm1's packed deltas.
         delta = mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a_cache, y_cache, TOKEN_BLOCK, None,
                                run_mm2=False)
@@ -364,13 +366,14 @@ def bench_mlp(N, sparsities, quick, C=3072, Fh=12288):
                speedup_kernels_only=dense_ms / kernels_ms,
                graph_dense_ms=dense_graph_ms, graph_chipmunk_ms=total_graph,
                graph_speedup=dense_graph_ms / total_graph,
-               bf16_cache_ms=bf16_cache_ms, bf16_cache_speedup=dense_ms / bf16_cache_ms,
-               graph_bf16_cache_ms=bf16_cache_graph_ms, graph_bf16_cache_speedup=dense_graph_ms / bf16_cache_graph_ms,
+               y_cache_dtype="bfloat16 (default)",
+               fp32_cache_ms=fp32_cache_ms, fp32_cache_speedup=dense_ms / fp32_cache_ms,
+               graph_fp32_cache_ms=fp32_cache_graph_ms, graph_fp32_cache_speedup=dense_graph_ms / fp32_cache_graph_ms,
                config=f"mm1 {mlp_tr._mm1_tuned.best_config} mm2 {mlp_tr._mm2_tuned.best_config}")
-        print(f"{'':20s} {'  graph replay / bf16 y_cache':28s} {'':6s} {dense_graph_ms:9.3f} {total_graph:9.3f} "
-              f"{dense_graph_ms / total_graph:7.2f}x | bf16 y_cache {bf16_cache_ms:.3f} ms "
-              f"{dense_ms / bf16_cache_ms:.2f}x, graph {bf16_cache_graph_ms:.3f} ms "
-              f"{dense_graph_ms / bf16_cache_graph_ms:.2f}x", flush=True)
+        print(f"{'':20s} {'  graph replay / fp32 y_cache':28s} {'':6s} {dense_graph_ms:9.3f} {total_graph:9.3f} "
+              f"{dense_graph_ms / total_graph:7.2f}x | fp32 y_cache {fp32_cache_ms:.3f} ms "
+              f"{dense_ms / fp32_cache_ms:.2f}x, graph {fp32_cache_graph_ms:.3f} ms "
+              f"{dense_graph_ms / fp32_cache_graph_ms:.2f}x", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- config sweep
