@@ -114,30 +114,19 @@ def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
         wg_ptrs += BLOCK_C * stride_wgc
         wu_ptrs += BLOCK_C * stride_wuc
 
-    # The epilogue walks the tile in EPI_SPLIT column slices: its temporaries (bias, activation, cached values,
+    # EPI_SPLIT=2 runs the epilogue on the tile's column halves: its temporaries (bias, activation, cached values,
     # pointers) then live for a slice at a time next to the accumulator instead of for the whole tile.
     args = (rows, local, row_ok, b, sel_base, IDX, BG, BU, ACACHE, DELTA, stride_ab, stride_an, stride_af, n_sel,
             token_block, HAS_BG, GATED, HAS_BU, ACT)
     first = pid_f * BLOCK_F
     if EPI_SPLIT == 1:
         _mm1_epilogue(acc_g, acc_u, first, BLOCK_F, *args)
-    elif EPI_SPLIT == 2:
+    else:
+        tl.static_assert(EPI_SPLIT == 2, "EPI_SPLIT is 1 or 2")
         g0, g1 = _column_halves(acc_g, BLOCK_T, BLOCK_F)
         u0, u1 = _column_halves(acc_u, BLOCK_T, BLOCK_F)
         _mm1_epilogue(g0, u0, first, BLOCK_F // 2, *args)
         _mm1_epilogue(g1, u1, first + BLOCK_F // 2, BLOCK_F // 2, *args)
-    else:
-        tl.static_assert(EPI_SPLIT == 4, "EPI_SPLIT is 1, 2 or 4")
-        g0, g1 = _column_halves(acc_g, BLOCK_T, BLOCK_F)
-        u0, u1 = _column_halves(acc_u, BLOCK_T, BLOCK_F)
-        g00, g01 = _column_halves(g0, BLOCK_T, BLOCK_F // 2)
-        u00, u01 = _column_halves(u0, BLOCK_T, BLOCK_F // 2)
-        _mm1_epilogue(g00, u00, first, BLOCK_F // 4, *args)
-        _mm1_epilogue(g01, u01, first + BLOCK_F // 4, BLOCK_F // 4, *args)
-        g10, g11 = _column_halves(g1, BLOCK_T, BLOCK_F // 2)
-        u10, u11 = _column_halves(u1, BLOCK_T, BLOCK_F // 2)
-        _mm1_epilogue(g10, u10, first + BLOCK_F // 2, BLOCK_F // 4, *args)
-        _mm1_epilogue(g11, u11, first + 3 * (BLOCK_F // 4), BLOCK_F // 4, *args)
 
 
 @triton.jit
@@ -259,7 +248,7 @@ def _c2(bd, bk, warps, stages, group_t=0, y_atomic=0, epi_split=1):
 
 # Measured on H100 (benchmarks/KERNEL_NOTES.md): 128 x 256 mm1 tiles win at every shape; grouping row tiles
 # (GROUP_T) keeps a group's activations in L2 while the unit tiles sweep past (sorted unit lists make concurrent
-# programs of one unit-tile index read nearby W1 rows). Splitting mm1's epilogue (EPI_SPLIT) removes its spills
+# programs of one unit-tile index read nearby W1 rows). Splitting mm1's epilogue (EPI_SPLIT=2) removes its spills
 # but measured 0-8 % slower, so mm1 keeps the whole-tile epilogue.
 _MM1_CONFIGS = [
     _c1(256, 64, 8, 3),
