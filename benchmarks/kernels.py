@@ -165,28 +165,23 @@ def check_correctness():
     idx = random_indices(Bm * nb, Fh, kept(Fh, 0.7)).view(Bm, nb, -1)
     a0 = torch.randn(Bm, Nm, Fh, device=DEV, dtype=BF16)
     y0 = torch.randn(Bm, Nm, C, device=DEV)
-    a_ref, y_ref = a0.float(), y0.clone()
-    mlp_ref.sparse_mlp_update(x.float(), w1.float(), b1.float(), None, None, w2.float(), "gelu_tanh", idx,
-                              a_ref, y_ref, T)
-    for _ in range(2):  # the second call launches the cached binaries
-        a = a0.transpose(1, 2).contiguous().transpose(1, 2)
-        y = y0.clone()
-        out = torch.full_like(y, float("nan"), dtype=BF16)
-        mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2.t().contiguous().t(), "gelu_tanh", idx, a, y, T, out=out)
-    errs["mlp a_cache"] = rel_err(a, a_ref)
-    errs["mlp y delta"] = rel_err(y - y0, y_ref - y0)
-    errs["mlp out = y_cache"] = rel_err(out, y)
-    # The same with a bf16 y_cache (the default, mlp_output_cache_dtype='model'): reference rounds y once, as the kernel.
-    y16_ref = y0.to(BF16)
-    mlp_ref.sparse_mlp_update(x.float(), w1.float(), b1.float(), None, None, w2.float(), "gelu_tanh", idx,
-                              a0.float(), y16_ref, T)
-    for _ in range(2):
-        a = a0.transpose(1, 2).contiguous().transpose(1, 2)
-        y16 = y0.to(BF16)
-        out = torch.full_like(y16, float("nan"))
-        mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2.t().contiguous().t(), "gelu_tanh", idx, a, y16, T, out=out)
-    errs["mlp bf16 y_cache delta"] = rel_err(y16.float() - y0, y16_ref.float() - y0)
-    errs["mlp bf16 out = y_cache"] = rel_err(out, y16)
+    w2_t = w2.t().contiguous().t()
+    # float32 and bf16 (the default, mlp_output_cache_dtype='model') y_cache; the reference rounds y once, as the
+    # kernel does.
+    for y_dtype, names in ((torch.float32, ("mlp a_cache", "mlp y delta", "mlp out = y_cache")),
+                           (BF16, (None, "mlp bf16 y_cache delta", "mlp bf16 out = y_cache"))):
+        a_ref, y_ref = a0.float(), y0.to(y_dtype, copy=True)
+        mlp_ref.sparse_mlp_update(x.float(), w1.float(), b1.float(), None, None, w2.float(), "gelu_tanh", idx,
+                                  a_ref, y_ref, T)
+        for _ in range(2):  # the second call launches the cached binaries
+            a = a0.transpose(1, 2).contiguous().transpose(1, 2)
+            y = y0.to(y_dtype, copy=True)
+            out = torch.full_like(y, float("nan"), dtype=BF16)
+            mlp_tr.sparse_mlp_update(x, w1, b1, None, None, w2_t, "gelu_tanh", idx, a, y, T, out=out)
+        if names[0] is not None:
+            errs[names[0]] = rel_err(a, a_ref)
+        errs[names[1]] = rel_err(y.float() - y0, y_ref.float() - y0)
+        errs[names[2]] = rel_err(out, y)
     # Selection: the same index sets as the torch reference (continuous random scores: no ties).
     for shape, n_top, n_rand in (((1, 24, 24, 4608), 300, 30), ((2, 36, 12288), 3000, 600)):
         scores = torch.rand(shape, device=DEV)

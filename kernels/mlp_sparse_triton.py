@@ -218,13 +218,14 @@ def _mm2_epilogue(acc, first, WIDTH: tl.constexpr, rows, row_ok, b, Y, OUT, stri
     y_ptrs = Y + b * stride_yb + rows[:, None] * stride_yn + offs_o[None, :] * stride_yo
     mask = row_ok[:, None] & o_ok[None, :]
     if Y_ATOMIC and Y.dtype.element_ty == tl.float32:  # (a 16-bit y_cache always takes the read-modify-write)
-        y = tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")  # the old value (each element has one writer)
+        # The old value comes back (each element has one writer): the new one is what the atomic stored.
+        y_new = tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed") + acc
     else:  # summed in fp32, rounded once into y_cache's dtype
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + acc).to(Y.dtype.element_ty), mask=mask)
+        y_new = (tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(Y.dtype.element_ty)
+        tl.store(y_ptrs, y_new, mask=mask)
     if HAS_OUT:  # the op's output, y_cache in the activations' dtype, without a second pass over y_cache
         o_ptrs = OUT + b * stride_ob + rows[:, None] * stride_on + offs_o[None, :] * stride_oo
-        tl.store(o_ptrs, (y + acc).to(Y.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs, y_new.to(OUT.dtype.element_ty), mask=mask)
 
 
 _MM1_DEFAULT = {"BLOCK_F": 32, "BLOCK_C": 32, "GROUP_T": 0, "EPI_SPLIT": 1, "num_warps": 4, "num_stages": 2}
