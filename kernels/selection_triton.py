@@ -162,6 +162,8 @@ MAX_TRITON_ROW = 8192
 # Warps per program (tests force small ones): few rows (an MLP refresh, 36-132 rows) are latency bound, so one
 # wide program per SM; many rows (attention query groups) share SMs.
 NUM_WARPS = None
+# Entries per thread in each chunk of the store pass (each chunk costs two block-wide scans and sums).
+STORE_ENTRIES_PER_THREAD = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +187,8 @@ def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, 
     warps = _num_warps(rows, block, scores.device)
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
                             lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, BLOCK=block,
-                            LOG2_BLOCK=block.bit_length() - 1, LANES=32 * warps, num_warps=warps)
+                            LOG2_BLOCK=block.bit_length() - 1, LANES=min(block, 32 * warps * STORE_ENTRIES_PER_THREAD),
+                            num_warps=warps)
 
 
 def _noise(shape, device, generator, num_random):
