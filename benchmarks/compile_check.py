@@ -83,8 +83,10 @@ def _variants():
                    dict(HAS_BG=True, GATED=gated, HAS_BU=gated, ACT=1, PRECISION="tf32", EVEN_C=True, FULL_T=True,
                         BLOCK_T=128, **config.kwargs),
                    ["stride_xc", "stride_wgc", "stride_wuc", "stride_an"], config.num_warps, config.num_stages)
-    yield ("mlp_mm2_ws (opt-in)", mm2_ws._mm2_ws_kernel, dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),
-           dict(BLOCK_T=128, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
+    for y_type in ("*bf16", "*fp32"):
+        yield (f"mlp_mm2 persistent ping-pong (Gluon) y={y_type[1:]}", mm2_ws._mm2_pingpong_kernel,
+               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y=y_type, OUT="*bf16"),
+               dict(BLOCK_T=128, HAS_OUT=True, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
     for config, y_type in ((mlp_tr._MM2_CONFIGS[0], "*fp32"), (mlp_tr._MM2_CONFIGS[-1], "*fp32"),
                            (mlp_tr._MM2_CONFIGS[0], "*bf16"), (mlp_tr._MM2_CONFIGS[-1], "*bf16")):
         yield (f"mlp_mm2 {config.kwargs} y={y_type[1:]}", mlp_tr._mlp_mm2_kernel,
