@@ -54,7 +54,7 @@ def check(results):
     w2t = w2.t().contiguous().t()
     for y_dtype in (BF16, torch.float32):
         y0 = torch.randn(B, N, C, device=DEV).to(y_dtype)
-        a_ref, y_ref = a0.float(), y0.float()
+        a_ref, y_ref = a0.float(), y0.float().clone()  # (clone: .float() of a float32 y0 is y0 itself)
         mlp_ref.sparse_mlp_update(x.float(), w1.float(), b1.float(), None, None, w2.float(), "gelu_tanh", idx, a_ref,
                                   y_ref, T)
         delta = mlp_tr._launch(x, w1, b1, None, None, w2t, "gelu_tanh", idx, a0.clone(), y0.clone(), T, None,
