@@ -24,7 +24,7 @@ from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
 from chipmunk_compile.kernels import mlp_sparse_triton as mlp_tr  # noqa: E402
 
 DEV, BF16, T = "cuda", torch.bfloat16, 128
-CONFIGS = [{}, dict(NUM_STAGES=2), dict(BLOCK_K=32, NUM_STAGES=6), dict(BLOCK_K=32, NUM_STAGES=4)]
+CONFIGS = [{}, dict(NUM_STAGES=5), dict(NUM_STAGES=4), dict(BLOCK_K=32, NUM_STAGES=10)]
 
 
 def cfg_name(cfg):

@@ -5,17 +5,18 @@ block (S its K kept units, rows of W2^T gathered through ``indices``), summed in
 y_cache's dtype; ``out`` (optional) receives the new y tile too.
 
     before (Triton, one 128 x BLOCK_D tile per program)   after (this kernel, one program per SM)
-    load pipeline fill -> K loop (wgmma) -> y RMW           producer warpgroup: for each of the program's
-    -> next program: the tensor cores idle during the         tiles in order, cp.async of the delta tile
+    load pipeline fill -> K loop (wgmma) -> y RMW           producer warpgroup: the program's tiles in order,
+    -> next program: the tensor cores idle during the         k-step by k-step, cp.async of the delta tile
     fill and the epilogue (at 90 % sparsity K = 1280:         [128, BLOCK_K] and the gathered W2^T rows
-    20 k-steps, the y read-modify-write + out store           [BLOCK_K, BLOCK_D] into ring (tile parity)
-    is ~1/3 of a tile's time)                               consumer warpgroups 0 / 1: the even / odd tiles:
-                                                              wgmma over their ring, then y RMW + out, while
-                                                              the other consumer runs its K loop
+    20 k-steps, the y read-modify-write + out store           [BLOCK_K, BLOCK_D] into one NUM_STAGES ring,
+    is ~1/3 of a tile's time)                                 running ahead across tile boundaries
+                                                            consumer warpgroups 0 / 1: the even / odd tiles:
+                                                              K loop (wgmma over the ring), then y RMW + out
+                                                              while the other consumer runs its K loop
 
-The producer fills tile j into ring j % 2 only after finishing tile j - 1, so one consumer's K loop starts as
-the other's ends: the epilogues and pipeline fills overlap the other tile's MMAs (the ping-pong schedule of
-CUTLASS's Hopper GEMMs). Each ring has its own barriers, so a consumer only ever waits one phase ahead.
+The ping-pong schedule of CUTLASS's Hopper GEMMs: an order barrier lets a consumer start its K loop only when the
+other's is over, so the K loops take turns on the tensor cores and each epilogue overlaps the next K loop; no
+ring wait is ever more than one phase ahead of its barrier.
 
 Tails: unit-list tails (K not a multiple of BLOCK_K) gather W2^T row 0 against zero-filled delta columns; rows
 past the sequence end are zero-filled and never stored. Supported here: CUDA 9.x, bf16/fp16 weights and
@@ -67,10 +68,9 @@ def _mm2_producer(DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dou
         offs_o = o0 + cols
         o_ok = offs_o < Dout
         a_base = DELTA + sel_base * BLOCK_T + rows.to(gl.int64)[:, None] * n_sel   # delta is [B, nb, 128, n_sel]
-        ring = (j % 2) * NUM_STAGES
         for k in range(n_steps):
-            g = (j // 2) * n_steps + k          # this ring's running step count
-            slot = ring + g % NUM_STAGES
+            g = j * n_steps + k                 # the program's running step count
+            slot = g % NUM_STAGES
             k0 = k * BLOCK_K
             units = gl.load(IDX + sel_base + k0 + kk_b, mask=(k0 + kk_b) < n_sel, other=0).to(gl.int64)
             mbarrier.wait(empty_bars.index(slot), ((g // NUM_STAGES) & 1) ^ 1)
@@ -84,8 +84,8 @@ def _mm2_producer(DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dou
 
 
 @gluon.jit
-def _mm2_consumer(Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n_sel, n_tiles,
-                  stride_yb, stride_yn, stride_ob, stride_on, RING: gl.constexpr, HAS_OUT: gl.constexpr,
+def _mm2_consumer(Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N, Dout, nb, n_sel, n_tiles,
+                  stride_yb, stride_yn, stride_ob, stride_on, PARITY: gl.constexpr, HAS_OUT: gl.constexpr,
                   BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_D, 16])
@@ -93,21 +93,24 @@ def _mm2_consumer(Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n
     cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, acc_layout))
     n_d = gl.cdiv(Dout, BLOCK_D)
     n_steps = gl.cdiv(n_sel, BLOCK_K)
-    ring = RING * NUM_STAGES
     m = 0
-    for t in range(gl.program_id(0) + RING * gl.num_programs(0), n_tiles, 2 * gl.num_programs(0)):
+    for t in range(gl.program_id(0) + PARITY * gl.num_programs(0), n_tiles, 2 * gl.num_programs(0)):
+        # The other consumer's K loop on the previous tile must be over (its last ring phases consumed) before this
+        # one waits on the ring: then no wait is ever two phases ahead. Consumer 0's first wait passes at once.
+        mbarrier.wait(order_bars.index(PARITY), (m & 1) ^ (1 - PARITY))
         acc = gl.zeros([BLOCK_T, BLOCK_D], gl.float32, layout=acc_layout)
         for k in range(n_steps):
-            g = m * n_steps + k
-            slot = ring + g % NUM_STAGES
+            g = (2 * m + PARITY) * n_steps + k  # the program's running step count (local tile 2m + PARITY)
+            slot = g % NUM_STAGES
             mbarrier.wait(ready_bars.index(slot), (g // NUM_STAGES) & 1)
             fence_async_shared()  # the cp.async writes, visible to the wgmma (async proxy)
             acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, is_async=True)
             # Keep this wgmma in flight; the previous one is done, so its slot can be refilled.
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            mbarrier.arrive(empty_bars.index(ring + (g + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=k > 0)
+            mbarrier.arrive(empty_bars.index((g + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=k > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty_bars.index(ring + (m * n_steps + n_steps - 1) % NUM_STAGES), count=1)
+        mbarrier.arrive(empty_bars.index(((2 * m + PARITY + 1) * n_steps - 1) % NUM_STAGES), count=1)
+        mbarrier.arrive(order_bars.index(1 - PARITY), count=1)   # the other consumer's K loop may start
         # Epilogue (overlaps the other consumer's K loop): y_cache += acc, rounded once; the op's output.
         b, blk, o0 = _tile_origin(t, n_d, nb, BLOCK_D)
         offs_o = o0 + cols
@@ -130,25 +133,29 @@ def _mm2_pingpong_kernel(DELTA, IDX, W2, Y, OUT, stride_w2f, stride_yb, stride_y
     dtype: gl.constexpr = DELTA.dtype.element_ty
     a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], dtype)
     b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_D], dtype)
-    # Two rings (one per consumer) of NUM_STAGES slots each.
-    a_bufs = gl.allocate_shared_memory(dtype, [2 * NUM_STAGES, BLOCK_T, BLOCK_K], a_layout)
-    b_bufs = gl.allocate_shared_memory(dtype, [2 * NUM_STAGES, BLOCK_K, BLOCK_D], b_layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [2 * NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [2 * NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2 * NUM_STAGES):
+    a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_T, BLOCK_K], a_layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_K, BLOCK_D], b_layout)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    order_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
         mbarrier.init(ready_bars.index(i), count=PRODUCER_THREADS)  # one asynchronous arrival per producer thread
-        mbarrier.init(empty_bars.index(i), count=1)                 # the ring's consumer
+        mbarrier.init(empty_bars.index(i), count=1)                 # the slot's consumer
+    for i in gl.static_range(2):
+        mbarrier.init(order_bars.index(i), count=1)                 # "the other consumer's K loop is over"
     gl.warp_specialize([
         (_mm2_producer, (DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n_sel, n_tiles,
                          stride_w2f, BLOCK_T, BLOCK_K, BLOCK_D, NUM_STAGES)),
-        (_mm2_consumer, (Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n_sel, n_tiles, stride_yb,
-                         stride_yn, stride_ob, stride_on, 0, HAS_OUT, BLOCK_T, BLOCK_K, BLOCK_D, NUM_STAGES)),
-        (_mm2_consumer, (Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n_sel, n_tiles, stride_yb,
-                         stride_yn, stride_ob, stride_on, 1, HAS_OUT, BLOCK_T, BLOCK_K, BLOCK_D, NUM_STAGES)),
+        (_mm2_consumer, (Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N, Dout, nb, n_sel, n_tiles,
+                         stride_yb, stride_yn, stride_ob, stride_on, 0, HAS_OUT, BLOCK_T, BLOCK_K, BLOCK_D,
+                         NUM_STAGES)),
+        (_mm2_consumer, (Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N, Dout, nb, n_sel, n_tiles,
+                         stride_yb, stride_yn, stride_ob, stride_on, 1, HAS_OUT, BLOCK_T, BLOCK_K, BLOCK_D,
+                         NUM_STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-_CONFIG = dict(BLOCK_K=64, BLOCK_D=128, NUM_STAGES=3, CONSUMER_REGS=208)
+_CONFIG = dict(BLOCK_K=64, BLOCK_D=128, NUM_STAGES=6, CONSUMER_REGS=208)
 _MAXNREG = 168  # 12 warps at 168 registers fill the register file: the producer keeps what the consumers leave
 
 
