@@ -49,6 +49,16 @@ def _tile_origin(t, n_d, nb, BLOCK_D: gl.constexpr):
 
 
 @gluon.jit
+def _step_units(IDX, g, total, n_steps, n_d, nb, n_sel, kk, BLOCK_D: gl.constexpr, BLOCK_K: gl.constexpr):
+    """The unit list of the program's step g (tile g // n_steps, k-step g % n_steps); zeros past its last step."""
+    t = gl.program_id(0) + (g // n_steps) * gl.num_programs(0)
+    b, blk, _ = _tile_origin(t, n_d, nb, BLOCK_D)
+    k0 = (g % n_steps) * BLOCK_K
+    ok = ((k0 + kk) < n_sel) & (g < total)
+    return gl.load(IDX + (b * nb + blk) * n_sel + k0 + kk, mask=ok, other=0).to(gl.int64)
+
+
+@gluon.jit
 def _mm2_producer(DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n_sel, n_tiles, stride_w2f,
                   BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr):
     # delta rows: BLOCK_K 16-bit values per row; W2^T rows: BLOCK_D values per gathered unit (16 B per thread).
@@ -60,27 +70,29 @@ def _mm2_producer(DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dou
     cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, b_layout))
     n_d = gl.cdiv(Dout, BLOCK_D)
     n_steps = gl.cdiv(n_sel, BLOCK_K)
-    j = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, blk, o0 = _tile_origin(t, n_d, nb, BLOCK_D)
+    # One flat loop over the program's (tile, k-step) pairs, so the unit lists (whose loads the W2^T addresses wait
+    # for) are fetched two steps ahead, across tile boundaries too: a load per step in line costs its full latency.
+    total = gl.cdiv(n_tiles - gl.program_id(0), gl.num_programs(0)) * n_steps
+    units = _step_units(IDX, 0, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K)
+    units_next = _step_units(IDX, 1, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K)
+    for g in range(total):
+        units_later = _step_units(IDX, g + 2, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K)
+        b, blk, o0 = _tile_origin(gl.program_id(0) + (g // n_steps) * gl.num_programs(0), n_d, nb, BLOCK_D)
+        k0 = (g % n_steps) * BLOCK_K
         sel_base = (b * nb + blk) * n_sel
         row_ok = rows < gl.minimum(N - blk * BLOCK_T, BLOCK_T)
         offs_o = o0 + cols
-        o_ok = offs_o < Dout
-        a_base = DELTA + sel_base * BLOCK_T + rows.to(gl.int64)[:, None] * n_sel   # delta is [B, nb, 128, n_sel]
-        for k in range(n_steps):
-            g = j * n_steps + k                 # the program's running step count
-            slot = g % NUM_STAGES
-            k0 = k * BLOCK_K
-            units = gl.load(IDX + sel_base + k0 + kk_b, mask=(k0 + kk_b) < n_sel, other=0).to(gl.int64)
-            mbarrier.wait(empty_bars.index(slot), ((g // NUM_STAGES) & 1) ^ 1)
-            async_copy.async_copy_global_to_shared(a_bufs.index(slot), a_base + (k0 + kk_a)[None, :],
-                                                   mask=row_ok[:, None] & ((k0 + kk_a) < n_sel)[None, :])
-            async_copy.async_copy_global_to_shared(b_bufs.index(slot),
-                                                   W2 + units[:, None] * stride_w2f + offs_o[None, :],
-                                                   mask=o_ok[None, :])
-            async_copy.mbarrier_arrive(ready_bars.index(slot), increment_count=False)
-        j += 1
+        slot = g % NUM_STAGES
+        mbarrier.wait(empty_bars.index(slot), ((g // NUM_STAGES) & 1) ^ 1)
+        # delta is [B, nb, 128, n_sel]
+        a_ptrs = DELTA + sel_base * BLOCK_T + rows.to(gl.int64)[:, None] * n_sel + (k0 + kk_a)[None, :]
+        async_copy.async_copy_global_to_shared(a_bufs.index(slot), a_ptrs,
+                                               mask=row_ok[:, None] & ((k0 + kk_a) < n_sel)[None, :])
+        async_copy.async_copy_global_to_shared(b_bufs.index(slot), W2 + units[:, None] * stride_w2f + offs_o[None, :],
+                                               mask=(offs_o < Dout)[None, :])
+        async_copy.mbarrier_arrive(ready_bars.index(slot), increment_count=False)
+        units = units_next
+        units_next = units_later
 
 
 @gluon.jit
