@@ -40,19 +40,24 @@ _BLOCK_T = 128
 
 
 @gluon.jit
-def _tile_origin(t, n_d, nb, BLOCK_D: gl.constexpr):
-    """Tile t -> (batch, token block, first output column); output tiles of one block are adjacent (its deltas
-    stay in L2 while they are read once per output tile)."""
-    per_batch = nb * n_d
+def _tile_origin(t, n_d, nb, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_T: gl.constexpr):
+    """Tile t -> (batch, token block, first row in the block, first output column). Output tiles of one block are
+    adjacent (its deltas stay in L2 while they are read once per output tile), and so are its row tiles of one
+    output column (they gather the same W2^T rows)."""
+    N_H: gl.constexpr = BLOCK_T // BLOCK_M
+    per_block = n_d * N_H
+    per_batch = nb * per_block
     rem = t % per_batch
-    return (t // per_batch).to(gl.int64), rem // n_d, (rem % n_d) * BLOCK_D
+    r2 = rem % per_block
+    return (t // per_batch).to(gl.int64), rem // per_block, (r2 % N_H) * BLOCK_M, (r2 // N_H) * BLOCK_D
 
 
 @gluon.jit
-def _step_units(IDX, g, total, n_steps, n_d, nb, n_sel, kk, BLOCK_D: gl.constexpr, BLOCK_K: gl.constexpr):
+def _step_units(IDX, g, total, n_steps, n_d, nb, n_sel, kk, BLOCK_D: gl.constexpr, BLOCK_K: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_T: gl.constexpr):
     """The unit list of the program's step g (tile g // n_steps, k-step g % n_steps); zeros past its last step."""
     t = gl.program_id(0) + (g // n_steps) * gl.num_programs(0)
-    b, blk, _ = _tile_origin(t, n_d, nb, BLOCK_D)
+    b, blk, _, _ = _tile_origin(t, n_d, nb, BLOCK_D, BLOCK_M, BLOCK_T)
     k0 = (g % n_steps) * BLOCK_K
     ok = ((k0 + kk) < n_sel) & (g < total)
     return gl.load(IDX + (b * nb + blk) * n_sel + k0 + kk, mask=ok, other=0).to(gl.int64)
@@ -60,11 +65,12 @@ def _step_units(IDX, g, total, n_steps, n_d, nb, n_sel, kk, BLOCK_D: gl.constexp
 
 @gluon.jit
 def _mm2_producer(DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n_sel, n_tiles, stride_w2f,
-                  BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr):
+                  BLOCK_T: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr,
+                  NUM_STAGES: gl.constexpr):
     # delta rows: BLOCK_K 16-bit values per row; W2^T rows: BLOCK_D values per gathered unit (16 B per thread).
     a_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [4, 1], [1, 0])
     b_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [4, 1], [1, 0])
-    rows = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, a_layout))
+    tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
     kk_a = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     kk_b = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, b_layout))
     cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, b_layout))
@@ -73,11 +79,16 @@ def _mm2_producer(DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dou
     # One flat loop over the program's (tile, k-step) pairs, so the unit lists (whose loads the W2^T addresses wait
     # for) are fetched two steps ahead, across tile boundaries too: a load per step in line costs its full latency.
     total = gl.cdiv(n_tiles - gl.program_id(0), gl.num_programs(0)) * n_steps
-    units = _step_units(IDX, 0, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K)
-    units_next = _step_units(IDX, 1, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K)
+    units = _step_units(IDX, 0, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K, BLOCK_M,
+                          BLOCK_T)
+    units_next = _step_units(IDX, 1, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K, BLOCK_M,
+                               BLOCK_T)
     for g in range(total):
-        units_later = _step_units(IDX, g + 2, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K)
-        b, blk, o0 = _tile_origin(gl.program_id(0) + (g // n_steps) * gl.num_programs(0), n_d, nb, BLOCK_D)
+        units_later = _step_units(IDX, g + 2, total, n_steps, n_d, nb, n_sel, kk_b, BLOCK_D, BLOCK_K, BLOCK_M,
+                                  BLOCK_T)
+        b, blk, r0, o0 = _tile_origin(gl.program_id(0) + (g // n_steps) * gl.num_programs(0), n_d, nb, BLOCK_D,
+                                      BLOCK_M, BLOCK_T)
+        rows = r0 + tile_rows
         k0 = (g % n_steps) * BLOCK_K
         sel_base = (b * nb + blk) * n_sel
         row_ok = rows < gl.minimum(N - blk * BLOCK_T, BLOCK_T)
@@ -98,10 +109,11 @@ def _mm2_producer(DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dou
 @gluon.jit
 def _mm2_consumer(Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N, Dout, nb, n_sel, n_tiles,
                   stride_yb, stride_yn, stride_ob, stride_on, PARITY: gl.constexpr, HAS_OUT: gl.constexpr,
-                  BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr):
+                  BLOCK_T: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr,
+                  NUM_STAGES: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_D, 16])
-    rows = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, acc_layout))
+    tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
     cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, acc_layout))
     n_d = gl.cdiv(Dout, BLOCK_D)
     n_steps = gl.cdiv(n_sel, BLOCK_K)
@@ -110,7 +122,7 @@ def _mm2_consumer(Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N,
         # The other consumer's K loop on the previous tile must be over (its last ring phases consumed) before this
         # one waits on the ring: then no wait is ever two phases ahead. Consumer 0's first wait passes at once.
         mbarrier.wait(order_bars.index(PARITY), (m & 1) ^ (1 - PARITY))
-        acc = gl.zeros([BLOCK_T, BLOCK_D], gl.float32, layout=acc_layout)
+        acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, layout=acc_layout)
         for k in range(n_steps):
             g = (2 * m + PARITY) * n_steps + k  # the program's running step count (local tile 2m + PARITY)
             slot = g % NUM_STAGES
@@ -124,7 +136,8 @@ def _mm2_consumer(Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N,
         mbarrier.arrive(empty_bars.index(((2 * m + PARITY + 1) * n_steps - 1) % NUM_STAGES), count=1)
         mbarrier.arrive(order_bars.index(1 - PARITY), count=1)   # the other consumer's K loop may start
         # Epilogue (overlaps the other consumer's K loop): y_cache += acc, rounded once; the op's output.
-        b, blk, o0 = _tile_origin(t, n_d, nb, BLOCK_D)
+        b, blk, r0, o0 = _tile_origin(t, n_d, nb, BLOCK_D, BLOCK_M, BLOCK_T)
+        rows = r0 + tile_rows
         offs_o = o0 + cols
         grow = (blk * BLOCK_T + rows).to(gl.int64)
         mask = (rows < gl.minimum(N - blk * BLOCK_T, BLOCK_T))[:, None] & (offs_o < Dout)[None, :]
@@ -140,12 +153,12 @@ def _mm2_consumer(Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N,
 @gluon.jit
 def _mm2_pingpong_kernel(DELTA, IDX, W2, Y, OUT, stride_w2f, stride_yb, stride_yn, stride_ob, stride_on,
                          N, Dout, nb, n_sel, n_tiles, HAS_OUT: gl.constexpr,
-                         BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr,
+                         BLOCK_T: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = DELTA.dtype.element_ty
-    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], dtype)
+    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
     b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_D], dtype)
-    a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_T, BLOCK_K], a_layout)
+    a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_layout)
     b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_K, BLOCK_D], b_layout)
     ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -157,17 +170,17 @@ def _mm2_pingpong_kernel(DELTA, IDX, W2, Y, OUT, stride_w2f, stride_yb, stride_y
         mbarrier.init(order_bars.index(i), count=1)                 # "the other consumer's K loop is over"
     gl.warp_specialize([
         (_mm2_producer, (DELTA, IDX, W2, a_bufs, b_bufs, ready_bars, empty_bars, N, Dout, nb, n_sel, n_tiles,
-                         stride_w2f, BLOCK_T, BLOCK_K, BLOCK_D, NUM_STAGES)),
+                         stride_w2f, BLOCK_T, BLOCK_M, BLOCK_K, BLOCK_D, NUM_STAGES)),
         (_mm2_consumer, (Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N, Dout, nb, n_sel, n_tiles,
-                         stride_yb, stride_yn, stride_ob, stride_on, 0, HAS_OUT, BLOCK_T, BLOCK_K, BLOCK_D,
+                         stride_yb, stride_yn, stride_ob, stride_on, 0, HAS_OUT, BLOCK_T, BLOCK_M, BLOCK_K, BLOCK_D,
                          NUM_STAGES)),
         (_mm2_consumer, (Y, OUT, a_bufs, b_bufs, ready_bars, empty_bars, order_bars, N, Dout, nb, n_sel, n_tiles,
-                         stride_yb, stride_yn, stride_ob, stride_on, 1, HAS_OUT, BLOCK_T, BLOCK_K, BLOCK_D,
+                         stride_yb, stride_yn, stride_ob, stride_on, 1, HAS_OUT, BLOCK_T, BLOCK_M, BLOCK_K, BLOCK_D,
                          NUM_STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-_CONFIG = dict(BLOCK_K=64, BLOCK_D=128, NUM_STAGES=6, CONSUMER_REGS=208)
+_CONFIG = dict(BLOCK_M=128, BLOCK_K=64, BLOCK_D=128, NUM_STAGES=6, CONSUMER_REGS=208)
 _MAXNREG = 168  # 12 warps at 168 registers fill the register file: the producer keeps what the consumers leave
 
 
@@ -199,11 +212,11 @@ def mm2_ws(delta, indices, w2, y_cache, out=None, config: dict | None = None):
     B, nb, _, n_sel = delta.shape
     N, Dout = y_cache.shape[1], y_cache.shape[2]
     cfg = dict(_CONFIG, **(config or {}))
-    n_tiles = B * nb * -(-Dout // cfg["BLOCK_D"])
+    n_tiles = B * nb * (_BLOCK_T // cfg["BLOCK_M"]) * -(-Dout // cfg["BLOCK_D"])
     grid = (min(n_tiles, _sm_count(delta.device.index or 0)),)
     o = y_cache if out is None else out
     _mm2_pingpong_kernel[grid](delta, indices, w2, y_cache, o, w2.stride(1), y_cache.stride(0), y_cache.stride(1),
                                o.stride(0), o.stride(1), N, Dout, nb, n_sel, n_tiles, HAS_OUT=out is not None,
-                               BLOCK_T=_BLOCK_T, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
+                               BLOCK_T=_BLOCK_T, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
                                NUM_STAGES=cfg["NUM_STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=4,
                                maxnreg=_MAXNREG)
