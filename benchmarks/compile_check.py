@@ -83,10 +83,8 @@ def _variants():
                    dict(HAS_BG=True, GATED=gated, HAS_BU=gated, ACT=1, PRECISION="tf32", EVEN_C=True, FULL_T=True,
                         BLOCK_T=128, **config.kwargs),
                    ["stride_xc", "stride_wgc", "stride_wuc", "stride_an"], config.num_warps, config.num_stages)
-    for y_type in ("*bf16", "*fp32"):
-        yield (f"mlp_mm2 persistent ping-pong (Gluon) y={y_type[1:]}", mm2_ws._mm2_pingpong_kernel,
-               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y=y_type, OUT="*bf16"),
-               dict(BLOCK_T=128, HAS_OUT=True, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
+    yield ("mlp_mm2_ws (opt-in)", mm2_ws._mm2_ws_kernel, dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),
+           dict(BLOCK_T=128, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
     for config, y_type in ((mlp_tr._MM2_CONFIGS[0], "*fp32"), (mlp_tr._MM2_CONFIGS[-1], "*fp32"),
                            (mlp_tr._MM2_CONFIGS[0], "*bf16"), (mlp_tr._MM2_CONFIGS[-1], "*bf16")):
         yield (f"mlp_mm2 {config.kwargs} y={y_type[1:]}", mlp_tr._mlp_mm2_kernel,
@@ -95,13 +93,15 @@ def _variants():
                     **config.kwargs),
                ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)
     # Selection: one program per row, keys in registers (scores given, or from the MLP's block means; the MLP
-    # path writes the op's int32 index buffer directly): the warp counts ``_num_warps`` picks for few rows (MLP
-    # refresh) and many rows (attention query groups, or a large batch of token blocks).
-    for from_hbar, block, warps in ((True, 16384, 16), (True, 32768, 16), (True, 16384, 8), (False, 8192, 4)):
-        yield (f"selection block {block} from_hbar={from_hbar}", select_tr._select_kernel,
+    # path writes the op's int32 index buffer directly), in the launch shapes ``_launch_shape`` picks for few rows
+    # (MLP refresh: 12288 or 32768 units) and many rows (attention query groups), plus the earlier 16-warp shape.
+    for from_hbar, block, warps, lanes in ((True, 16384, 8, 2048), (True, 32768, 16, 4096), (True, 16384, 16, 512),
+                                           (False, 8192, 4, 128)):
+        yield (f"selection block {block} from_hbar={from_hbar} warps={warps} store chunk {lanes}",
+               select_tr._select_kernel,
                dict(SCORES="*fp32", HBAR_NEW="*bf16", HBAR_CACHE="*fp32", NOISE="*fp32",
                     OUT="*i32" if from_hbar else "*i64"),
-               dict(FROM_HBAR=from_hbar, PATHS=1, BLOCK=block, LOG2_BLOCK=block.bit_length() - 1, LANES=32 * warps),
+               dict(FROM_HBAR=from_hbar, PATHS=1, BLOCK=block, LOG2_BLOCK=block.bit_length() - 1, LANES=lanes),
                [], warps, 1)
 
 

@@ -1,15 +1,17 @@
-"""The MLP refresh's selection path, piece by piece, torch against Triton (CUDA only; H100 experiments).
+"""The MLP refresh's selection path, piece by piece (CUDA only; H100 experiments).
 
 A refresh step runs, before its two sparse GEMMs: block means of x, the nb-row scoring GEMM (together
 ``block_mean_preactivation``), the noise draw and the selection kernel. This times each piece as a CUDA-graph
-replay (GPU time, medians) at the MLP shapes of ``benchmarks/kernels.py`` (N4608 / N16896, 3072 -> 12288, bf16):
+replay (GPU time, medians; every replay also pays ~5 us of graph launch) at the MLP shapes of
+``benchmarks/kernels.py`` (N4608 / N16896, 3072 -> 12288, bf16):
 
-- block means: torch (float32 mean + cast) vs the Triton kernel (``mlp_scoring_triton``) per tile shape;
-- scoring GEMM: cuBLAS (F.linear) vs every Triton candidate config and the autotuned launch;
-- ``block_mean_preactivation`` end to end, torch vs Triton, and its error against the float64 reference;
-- the selection kernel per warps x store-pass chunk (entries per thread), sets checked against the shipped
-  configuration's;
-- the whole refresh path as the op runs it (``mlp_op.refresh_indices``), torch pieces vs Triton pieces.
+- block means (float32 mean + cast), the scoring GEMM (cuBLAS), ``block_mean_preactivation``, the noise draw;
+- the selection kernel per warps x store-pass chunk (entries per thread), sets checked against the first
+  variant's (same noise), as ``selection_triton._launch_shape`` picks them from;
+- the whole refresh path as the op runs it (``mlp_op.refresh_indices``).
+A Triton block-means kernel and a Triton scoring GEMM were timed here too (commit 0eee61c, results in
+``results/selection_path_*.json``): equal at N4608, slower at N16896 (means 0.057 vs 0.053 ms, GEMM 0.062 vs
+0.043 ms), so the op keeps torch / cuBLAS for them.
 Usage: python benchmarks/selection_path.py [--shapes 4608:0.7,16896:0.9]   (prints a table, writes JSON)
 """
 from __future__ import annotations
@@ -27,9 +29,7 @@ from results_io import write_results  # noqa: E402
 
 from chipmunk_compile.kernels import mlp_op  # noqa: E402
 from chipmunk_compile.kernels import mlp_reference as mlp_ref  # noqa: E402
-from chipmunk_compile.kernels import mlp_scoring_triton as score_tr  # noqa: E402
 from chipmunk_compile.kernels import selection_triton as sel_tr  # noqa: E402
-from chipmunk_compile.kernels import dispatch  # noqa: E402
 
 DEV, BF16, T = "cuda", torch.bfloat16, 128
 ROWS: list[dict] = []
@@ -38,13 +38,6 @@ ROWS: list[dict] = []
 def rec(shape, what, t, **extra):
     ROWS.append(dict(shape=shape, what=what, ms=t, **extra))
     print(f"{shape:14s} {what:72s} {t:8.4f} ms {extra if extra else ''}", flush=True)
-
-
-def safe(shape, what, fn, **extra):
-    try:
-        rec(shape, what, graph_ms(fn, False), **extra)
-    except Exception as e:  # noqa: BLE001
-        rec(shape, f"{what} FAILED {type(e).__name__}: {str(e)[:100]}", -1.0)
 
 
 def rel(a, b):
@@ -62,36 +55,16 @@ def bench(N, sp, C=3072, Fh=12288):
     hbar_cache = torch.randn(1, nb, Fh, device=DEV)
     hbar0 = hbar_cache.clone()
 
-    # ---- block means and the scoring GEMM
+    # ---- block means and the scoring GEMM (torch, as the op runs them)
     rec(shape, "means: torch mean(f32) + cast", graph_ms(
         lambda: x.reshape(1, nb, T, C).mean(dim=2, dtype=torch.float32).to(BF16), False))
-    means_ref = x.reshape(1, nb, T, C).mean(dim=2, dtype=torch.float32).to(BF16)[0]
-    for bt, bc, w in ((32, 128, 4), (16, 256, 4), (64, 64, 4), (32, 256, 8), (128, 64, 8)):
-        score_tr.MEANS_BLOCK_T, score_tr.MEANS_BLOCK_C = bt, bc
-        got = score_tr.block_means(x, T, BF16)
-        safe(shape, f"means: triton BLOCK_T {bt} BLOCK_C {bc}", lambda: score_tr.block_means(x, T, BF16),
-             err=rel(got, means_ref))
-    score_tr.MEANS_BLOCK_T, score_tr.MEANS_BLOCK_C = 32, 128
-    rec(shape, "gemm: cuBLAS F.linear(means, W1, b1)", graph_ms(lambda: F.linear(means_ref, w1, b1), False))
-    want = F.linear(means_ref, w1, b1)
-    out = torch.empty(nb, Fh, device=DEV, dtype=BF16)
-    for c in score_tr._GEMM_CONFIGS:
-        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        try:
-            score_tr.scoring_gemm(means_ref, w1, b1, out, 0, cfg)
-            err = rel(out, want)
-        except Exception as e:  # noqa: BLE001
-            rec(shape, f"gemm: triton {cfg} FAILED {type(e).__name__}: {str(e)[:100]}", -1.0)
-            continue
-        safe(shape, f"gemm: triton {cfg}", lambda: score_tr.scoring_gemm(means_ref, w1, b1, out, 0, cfg), err=err)
-    safe(shape, "gemm: triton autotuned", lambda: score_tr.scoring_gemm(means_ref, w1, b1, out, 0))
-    rec(shape, f"gemm: autotuned pick {score_tr._gemm_tuned.best_config}", 0.0)
+    means = x.reshape(1, nb, T, C).mean(dim=2, dtype=torch.float32).to(BF16)[0]
+    rec(shape, "gemm: cuBLAS F.linear(means, W1, b1)", graph_ms(lambda: F.linear(means, w1, b1), False))
     exact = mlp_ref.block_mean_preactivation(x.double(), w1.double(), b1.double(), None, None, T)
-    for name, fn in (("torch", mlp_ref.block_mean_preactivation), ("triton", score_tr.block_mean_preactivation)):
-        got = fn(x, w1, b1, None, None, T, weight_dtype_out=True)
-        safe(shape, f"block_mean_preactivation {name}", lambda fn=fn: fn(x, w1, b1, None, None, T, True),
-             err_vs_fp64=rel(got, exact))
-    hbar_new = score_tr.block_mean_preactivation(x, w1, b1, None, None, T, True)
+    hbar_new = mlp_ref.block_mean_preactivation(x, w1, b1, None, None, T, weight_dtype_out=True)
+    rec(shape, "block_mean_preactivation (means + GEMM)", graph_ms(
+        lambda: mlp_ref.block_mean_preactivation(x, w1, b1, None, None, T, True), False),
+        err_vs_fp64=rel(hbar_new, exact))
 
     # ---- noise and the selection kernel
     noise = torch.empty(nb, Fh, device=DEV)
@@ -108,7 +81,7 @@ def bench(N, sp, C=3072, Fh=12288):
     def sets():
         return [frozenset(r.tolist()) for r in idx[0].cpu()]
 
-    shipped = None
+    first = None
     for warps in (16, 32, 8):
         for per_thread in (1, 2, 4, 8, 32):
             if warps * 32 * per_thread > 16384:
@@ -116,21 +89,20 @@ def bench(N, sp, C=3072, Fh=12288):
             torch.manual_seed(11)  # the same noise draw (default generator) for every variant
             select(warps, per_thread)
             got = sets()
-            shipped = shipped or got
+            first = first or got
             t = graph_ms(lambda: select(warps, per_thread), False) - restore
             rec(shape, f"select kernel w{warps} store chunk {per_thread}/thread", t,
-                rows_equal_to_first=sum(a == b for a, b in zip(got, shipped)), rows=nb)
-    sel_tr.NUM_WARPS, sel_tr.STORE_ENTRIES_PER_THREAD = None, 1
+                rows_equal_to_first=sum(a == b for a, b in zip(got, first)), rows=nb)
+    sel_tr.NUM_WARPS, sel_tr.STORE_ENTRIES_PER_THREAD = None, None
+    rec(shape, f"select kernel as shipped {sel_tr._launch_shape(nb, 16384, x.device)} (warps, chunk)",
+        graph_ms(lambda: (hbar_cache.copy_(hbar0), sel_tr.mlp_refresh_selection(
+            hbar_new, hbar_cache, Fh, k - n_rand, n_rand, None, out=idx)), False) - restore)
 
     # ---- the refresh path as the op runs it
-    for name, provider in (("torch means + cuBLAS (before)", "torch_means"), ("triton", "auto")):
-        def path():
-            hbar_cache.copy_(hbar0)
-            mlp_op.refresh_indices(x, w1, b1, None, None, hbar_cache, idx, k - n_rand, n_rand, T, None, "auto")
-        if provider == "torch_means":
-            dispatch._IMPLEMENTATIONS["block_mean_preactivation"] = ("mlp_reference", "mlp_reference")
-        rec(shape, f"refresh path: {name}", graph_ms(path, False) - restore)
-        dispatch._IMPLEMENTATIONS["block_mean_preactivation"] = ("mlp_reference", "mlp_scoring_triton")
+    def path():
+        hbar_cache.copy_(hbar0)
+        mlp_op.refresh_indices(x, w1, b1, None, None, hbar_cache, idx, k - n_rand, n_rand, T, None, "auto")
+    rec(shape, "refresh path (means + GEMM + noise + kernel)", graph_ms(path, False) - restore)
 
 
 def main():

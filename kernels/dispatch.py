@@ -22,7 +22,6 @@ _IMPLEMENTATIONS = {
     "sparse_mlp_update": ("mlp_reference", "mlp_sparse_triton"),
     "select_topk_with_random": ("selection_reference", "selection_triton"),
     "mlp_refresh_selection": ("mlp_reference", "selection_triton"),
-    "block_mean_preactivation": ("mlp_reference", "mlp_scoring_triton"),
 }
 
 

@@ -31,7 +31,7 @@ import torch
 from chipmunk_compile import runtime
 from chipmunk_compile.kernels.dispatch import implementation
 from chipmunk_compile.kernels.op_registration import register_stateful_op
-from chipmunk_compile.kernels.mlp_reference import ACTIVATIONS, hidden_units
+from chipmunk_compile.kernels.mlp_reference import ACTIVATIONS, block_mean_preactivation, hidden_units
 
 import torch.nn.functional as F
 
@@ -51,8 +51,7 @@ def refresh_indices(xb, w_gate, b_gate, w_up, b_up, hbar_cache, indices, num_top
                     token_block: int, generator, kernels: str = "auto"):
     """A refresh step's selection, in place: indices [B, nb, K] <- the top ``num_top`` units by the change of
     their block-mean pre-activation plus ``num_random`` random ones; hbar_cache [B, nb, P*F] refreshed for them."""
-    block_means = implementation("block_mean_preactivation", kernels, xb.device)
-    hbar_new = block_means(xb, w_gate, b_gate, w_up, b_up, token_block, weight_dtype_out=True)
+    hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, token_block, weight_dtype_out=True)
     select = implementation("mlp_refresh_selection", kernels, xb.device)
     select(hbar_new, hbar_cache, w_gate.shape[0], num_top, num_random, generator, out=indices)
 
@@ -112,8 +111,7 @@ def _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, in
             a_t[b].copy_(_unit_major_hidden(xb[b], w_gate, b_gate, w_up, b_up, activation))
         y = F.linear(a_t.transpose(-1, -2), w2, b2)
         y_cache[inv].copy_(y)
-        block_means = implementation("block_mean_preactivation", opts.kernels, x.device)
-        hbar_cache[inv].copy_(block_means(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block))
+        hbar_cache[inv].copy_(block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block))
         flags.has_cache = True
         return y.reshape(out_shape)
 

@@ -351,7 +351,7 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
     ws = None
     if kernel == "gluon" and run_mm2:
         ws = _warp_specialized_mm2()
-        why = "this Triton has no Gluon" if ws is None else ws.supports(delta, w2, y_cache, token_block, out)
+        why = "this Triton has no Gluon" if ws is None else ws.supports(delta, w2, y_cache, token_block)
         if why is not None:
             raise ValueError(f"the warp-specialised mm2 kernel does not apply here: {why}")
     if config is None and _INTERPRET:
@@ -369,5 +369,7 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
         if run_mm2 and ws is None:
             _mm2[_grid2(grid_t, Dout, B)(c2)](*mm2_args, **mm2_meta, **c2)
     if run_mm2 and ws is not None:  # after mm1: it reads mm1's deltas
-        ws.mm2_ws(delta, indices, w2, y_cache, out=out)
+        ws.mm2_ws(delta, indices, w2, y_cache)
+        if out is not None:
+            out.copy_(y_cache)
     return delta

@@ -11,18 +11,19 @@ Same semantics as ``selection_reference.select_topk_with_random`` (the oracle) a
                                                             P1   = position cut for ties at T1 (bisection on
                                                                    positions; only when not all ties fit)
                                                             T2, P2: the same on the noise of the untaken entries
-                                                            store pass (chunks of one entry per thread): take
+                                                            store pass (chunks of 1-8 entries per thread): take
                                                             key > T1 | key == T1 & pos < P1, then the noise
                                                             rule; store the indices (running offsets);
                                                             hbar_cache[taken] = hbar_new
 
-Why this shape (H100, ``benchmarks/mlp_experiments.py``): each search step is a short loop body plus one
-block-wide sum, and the only scans are over one entry per thread, so the compiled kernel stays small (2-3 K
-instructions). The earlier versions (byte histograms over streamed chunks; bisection with scans over the whole
-register-resident row) compiled to 11-24 K instructions and took 0.10-0.13 ms of GPU time for an MLP refresh
-(36 or 132 rows of 12288, one program per SM) against 0.075-0.082 ms here. Ties at a threshold take the lowest positions (torch.topk may take any of them; the set
-differs only among exactly equal values). Indices come out top entries first in increasing position order, then
-the random ones. The interpreter runs this kernel too (CPU tests).
+Why this shape (H100, ``benchmarks/mlp_experiments.py``, ``benchmarks/selection_path.py``): each search step is
+a short loop body plus one block-wide sum, and the store pass scans short chunks (a few entries per thread), so
+the compiled kernel stays small. The earlier versions (byte histograms over streamed chunks; bisection with scans
+over the whole register-resident row) compiled to 11-24 K instructions and took 0.10-0.13 ms of GPU time for an
+MLP refresh (36 or 132 rows of 12288, one program per SM) against 0.069-0.072 ms here (8 warps, store chunks of 8
+entries per thread; 0.079-0.084 with 16 warps and one entry per thread). Ties at a threshold take the lowest
+positions (torch.topk may take any of them; the set differs only among exactly equal values). Indices come out
+top entries first in increasing position order, then the random ones. The interpreter runs this kernel too (CPU tests).
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
         # noise < 1.0: keys in [0, 0x3F800000), so 30 halvings suffice.
         t2 = _kth_largest(nkey, num_random, tl.full([], 0, tl.int64), tl.full([], 0x3F800000, tl.int64), 30)
         p2 = _tie_cut(nkey, t2, pos, num_random, BLOCK, LOG2_BLOCK)
-    # Store pass over chunks of one entry per thread (keys recomputed from the row, now in L1/L2).
+    # Store pass over chunks of LANES entries (keys recomputed from the row, now in L1/L2).
     out_row = OUT + row * (num_top + num_random)
     n_top = 0
     n_extra = 0
@@ -159,11 +160,10 @@ def _select_kernel(SCORES, HBAR_NEW, HBAR_CACHE, NOISE, OUT, n, rows_per_sample,
 # take 1.85 ms here vs 1.50 ms with torch.topk (576 rows of 4608: 0.17 vs 0.48 ms).
 MAX_ROW = 32768
 MAX_TRITON_ROW = 8192
-# Warps per program (tests force small ones): few rows (an MLP refresh, 36-132 rows) are latency bound, so one
-# wide program per SM; many rows (attention query groups) share SMs.
+# Warps per program and entries per thread in each chunk of the store pass (tests force small ones): few rows (an
+# MLP refresh, 36-132 rows) are latency bound, one program per SM; many rows (attention query groups) share SMs.
 NUM_WARPS = None
-# Entries per thread in each chunk of the store pass (each chunk costs two block-wide scans and sums).
-STORE_ENTRIES_PER_THREAD = 1
+STORE_ENTRIES_PER_THREAD = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,24 +171,26 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _num_warps(rows: int, block: int, device: torch.device) -> int:
-    if NUM_WARPS is not None:
-        return NUM_WARPS
-    # Measured (H100, benchmarks/mlp_experiments.py): 16 warps for an MLP refresh (36-132 rows of 12288), 4 for
-    # 576 attention rows of 4608; at most 64 keys per thread (register budget).
+def _launch_shape(rows: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(warps, store-pass chunk width). Measured on H100 (``benchmarks/selection_path.py``): an MLP refresh (36 or
+    132 rows of 12288) takes 0.069 / 0.072 ms at 8 warps with 8 entries per thread in each store chunk, against
+    0.079 / 0.083 ms at 16 warps with one entry per thread (each chunk costs two block-wide scans and two sums:
+    24 chunks became 6); 16 warps with 4 entries: 0.071 / 0.075; whole-row chunks: 0.093 / 0.097. At most 64 keys
+    per thread (register budget). Many rows (576 attention rows of 4608): 4 warps, one entry per thread."""
     few_rows = device.type == "cuda" and rows <= 2 * _sm_count(device.index or 0)
-    return max(4, min(16, block // (1024 if few_rows else 2048)))
+    warps = NUM_WARPS if NUM_WARPS is not None else max(4, min(16, block // 2048))
+    per_thread = STORE_ENTRIES_PER_THREAD if STORE_ENTRIES_PER_THREAD is not None else (8 if few_rows else 1)
+    return warps, min(block, 32 * warps * per_thread)
 
 
 def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, num_top, num_random, forced,
             paths):
     lo, hi = forced if forced is not None else (0, 0)
     block = max(32, triton.next_power_of_2(n))
-    warps = _num_warps(rows, block, scores.device)
+    warps, lanes = _launch_shape(rows, block, scores.device)
     _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
                             lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, BLOCK=block,
-                            LOG2_BLOCK=block.bit_length() - 1, LANES=min(block, 32 * warps * STORE_ENTRIES_PER_THREAD),
-                            num_warps=warps)
+                            LOG2_BLOCK=block.bit_length() - 1, LANES=lanes, num_warps=warps)
 
 
 def _noise(shape, device, generator, num_random):

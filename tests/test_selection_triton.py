@@ -63,15 +63,17 @@ def test_select_ties_infinities_and_masked_keys():
     assert len(set(got[0].tolist())) == 8 and 4 not in got[0, :3].tolist()
 
 
-def test_select_all_units_and_rows_over_many_chunks(monkeypatch):
+@pytest.mark.parametrize("entries_per_thread", [1, 4])
+def test_select_all_units_and_rows_over_many_chunks(monkeypatch, entries_per_thread):
     scores = torch.rand(1, 2, 40)
     got = sel_tr.select_topk_with_random(scores, 30, 10, None, torch.Generator().manual_seed(0))
     assert _sets(got) == [set(range(40))] * 2
     only_random = sel_tr.select_topk_with_random(scores, 0, 5, None, torch.Generator().manual_seed(0))
     assert only_random.shape == (1, 2, 5) and all(len(r) == 5 for r in _sets(only_random))
-    # Rows stored in 35 chunks of 32 (one warp) with ties spread over all of them: exactly k distinct indices, all at or
-    # above the threshold, the lowest-index ties first.
+    # Rows stored in 35 chunks of 32 (one warp; 9 of 128 with 4 entries per thread) with ties spread over all of them:
+    # exactly k distinct indices, all at or above the threshold, the lowest-index ties first.
     monkeypatch.setattr(sel_tr, "NUM_WARPS", 1)
+    monkeypatch.setattr(sel_tr, "STORE_ENTRIES_PER_THREAD", entries_per_thread)
     scores = (torch.arange(1100) % 7).float().reshape(1, 1, 1100)  # 157 or 158 entries per value 0..6
     got = sel_tr.select_topk_with_random(scores, 200, 50, None, torch.Generator().manual_seed(1))
     top, extra = got[0, 0, :200].tolist(), got[0, 0, 200:].tolist()
@@ -86,10 +88,12 @@ def test_select_all_units_and_rows_over_many_chunks(monkeypatch):
     assert _sets(got) == _sets(want)
 
 
-@pytest.mark.parametrize("paths,dtype,index_dtype", [(1, torch.float32, torch.int64), (2, torch.float32, torch.int32),
-                                                      (1, torch.float16, torch.int32)])
-def test_mlp_refresh_matches_reference(monkeypatch, paths, dtype, index_dtype):
-    """hbar_new comes in the scoring GEMM's dtype (fp16 here; bf16 on the GPU), the references are float32."""
+@pytest.mark.parametrize("paths,dtype,index_dtype,entries_per_thread",
+                         [(1, torch.float32, torch.int64, 1), (2, torch.float32, torch.int32, 2),
+                          (1, torch.float16, torch.int32, 8)])
+def test_mlp_refresh_matches_reference(monkeypatch, paths, dtype, index_dtype, entries_per_thread):
+    """hbar_new comes in the scoring GEMM's dtype (fp16 here; bf16 on the GPU), the references are float32; store
+    chunks of one to eight entries per thread."""
     gen = torch.Generator().manual_seed(7)
     B, nb, F, num_top, num_random = 2, 3, 200, 40, 12
     hbar_new = torch.randn(B, nb, paths * F, generator=gen).to(dtype)
@@ -100,6 +104,8 @@ def test_mlp_refresh_matches_reference(monkeypatch, paths, dtype, index_dtype):
     # The op's index buffers are int32: written by the kernel in place (the torch fallback must not run).
     out = torch.full((B, nb, num_top + num_random), -1, dtype=index_dtype)
     monkeypatch.setattr(mlp_ref, "mlp_refresh_selection", None)
+    monkeypatch.setattr(sel_tr, "NUM_WARPS", 1)
+    monkeypatch.setattr(sel_tr, "STORE_ENTRIES_PER_THREAD", entries_per_thread)
     got = sel_tr.mlp_refresh_selection(hbar_new, cache_tr, F, num_top, num_random, torch.Generator().manual_seed(3),
                                        out=out)
     monkeypatch.undo()
@@ -108,6 +114,21 @@ def test_mlp_refresh_matches_reference(monkeypatch, paths, dtype, index_dtype):
     assert got is out and _sets(got) == _sets(want)
     assert torch.equal(cache_tr, cache_ref)  # refreshed exactly the selected units, on every path
     assert not torch.equal(cache_tr, cache)
+
+
+def test_launch_shape_keeps_keys_per_thread_within_the_register_budget(monkeypatch):
+    monkeypatch.setattr(sel_tr, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    # An MLP refresh (few rows): 8 warps, store chunks of 8 entries per thread; wider rows take more warps.
+    assert sel_tr._launch_shape(36, 16384, cuda) == (8, 2048)
+    assert sel_tr._launch_shape(264, 32768, cuda) == (16, 4096)
+    # Many rows (attention query groups) and the CPU: one entry per thread.
+    assert sel_tr._launch_shape(576, 8192, cuda) == (4, 128)
+    assert sel_tr._launch_shape(36, 16384, torch.device("cpu")) == (8, 256)
+    for rows in (1, 36, 132, 265, 5000):
+        for block in (32, 1024, 8192, 16384, 32768):
+            warps, lanes = sel_tr._launch_shape(rows, block, cuda)
+            assert block // (32 * warps) <= 64 and lanes <= block and lanes % (32 * warps) == 0 or lanes == block
 
 
 def test_dispatch_picks_triton_selection_under_interpreter():
