@@ -15,8 +15,9 @@ All times are CUDA-graph replays (GPU time, no Python launch overhead), medians:
   when num_stages >= 5), epilogue-split configs, delta tiles through TMA; each new config's output is checked
   against the default's.
 - ceilings (``--only ceiling``): Triton's own dense GEMM with mm1's tile (no gather) next to cuBLAS, and the
-  scoring GEMM / noise draw variants.
-Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2,persistent,ceiling] [--shapes N:sp,...]   (prints a table; JSON via results_io)
+  scoring GEMM / noise draw variants; (``--only tiles``) the same dense GEMM per tile shape with its operand bytes
+  per FLOP and the L2 rate they imply.
+Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2,persistent,ceiling,tiles] [--shapes N:sp,...]   (prints a table; JSON via results_io)
 """
 from __future__ import annotations
 
@@ -185,6 +186,38 @@ def ceilings(N, sp, C=3072, Fh=12288):
     noise = torch.empty(nb, Fh, device=DEV)
     rec(shape, "noise uniform_", graph_ms(lambda: noise.uniform_(), False))
     rec(shape, "noise torch.rand", graph_ms(lambda: torch.rand(nb, Fh, device=DEV), False))
+
+
+def tile_ceilings(N, sp, C=3072, Fh=12288):
+    """Triton's dense GEMM (no gather) on mm1's FLOPs per tile shape: if the L2 -> SM operand traffic bounds this
+    GEMM family, the implied L2 rate (TFLOP/s x operand bytes per FLOP, (BM + BN) / (BM * BN) for 16-bit tiles)
+    stays about constant across tiles while the FLOP rate follows the tile's bytes per FLOP."""
+    torch.manual_seed(3)
+    shape = f"N{N} sp{sp}"
+    k = kept(Fh, sp, 256)
+    x = torch.randn(N, C, device=DEV, dtype=BF16)
+    w1k = torch.randn(k, C, device=DEV, dtype=BF16) * C ** -0.5
+    out = torch.empty(N, k, device=DEV, dtype=BF16)
+    flops = 2 * N * k * C
+    t = graph_ms(lambda: torch.mm(x, w1k.t(), out=out), False)
+    rec(shape, "tiles: cuBLAS", t, tflops=flops / t / 1e9)
+    want = x @ w1k.t()
+    for bm, bn, warps, stages in ((128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4),
+                                  (64, 256, 4, 4), (64, 128, 4, 5)):
+        def tri():
+            _dense_gemm_bt[(N // bm * (k // bn),)](x, w1k, out, N, k, C, x.stride(0), w1k.stride(0), out.stride(0),
+                                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps,
+                                                    num_stages=stages)
+        try:
+            tri()
+            err = rel_err(out, want)
+            t = graph_ms(tri, False)
+        except Exception as e:  # noqa: BLE001
+            rec(shape, f"tiles: Triton {bm}x{bn} w{warps} s{stages} FAILED {type(e).__name__}", -1.0)
+            continue
+        bytes_per_flop = (bm + bn) / (bm * bn)
+        rec(shape, f"tiles: Triton {bm}x{bn}x64 w{warps} s{stages}", t, err=err, tflops=flops / t / 1e9,
+            operand_bytes_per_flop=bytes_per_flop, implied_l2_tb_s=flops / t / 1e9 * bytes_per_flop)
 
 
 def bench(N, sp, C=3072, Fh=12288):
@@ -418,6 +451,8 @@ def main():
         n, sp = shape.split(":")
         if "ceiling" in ONLY:
             ceilings(int(n), float(sp))
+        if "tiles" in ONLY:
+            tile_ceilings(int(n), float(sp))
         if ONLY & {"sel", "mm1", "mm2", "persistent"}:
             bench(int(n), float(sp))
     if "sel" in ONLY:
