@@ -68,13 +68,19 @@ def _load_fidelity():
     return mod
 
 
-def test_fidelity_quick_writes_json(tmp_path, capsys):
+def test_fidelity_quick_writes_json(tmp_path, capsys, monkeypatch):
     # --quick on the CPU: 2 samples x 10 steps, 3 chipmunk configs, 3 step-cache schedules, eager compiler;
-    # measured ~27 s on 2 CPU cores (Inductor would spend ~40 s compiling the dense model alone).
+    # measured ~27 s on 2 CPU cores. Inductor would spend ~40 s compiling the dense model alone: any Inductor
+    # compile fails the test (a structural guard; a wall-clock bound flaked on a loaded machine).
+    import torch._inductor.compile_fx as inductor_entry
+
+    def no_inductor(*args, **kwargs):
+        raise AssertionError("the quick CPU fidelity run compiled a graph with Inductor")
+    monkeypatch.setattr(inductor_entry, "compile_fx", no_inductor)
     fid = _load_fidelity()
     out = fid.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
     text = capsys.readouterr().out
-    assert out["total_wall_s"] < 90, out["total_wall_s"]  # guards against e.g. Inductor compiles creeping in
+    assert out["total_wall_s"] > 0
     with open(out["json"]) as f:
         data = json.load(f)
     for key in ("device", "torch", "triton", "results", "noise_floor", "verdicts"):
