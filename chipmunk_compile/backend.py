@@ -86,10 +86,30 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], runtime_id: int, option
             rewrite_mlp(gm, site, index, runtime_id, options, cache_device, dag)
         site.rewritten = True
         rewritten += 1
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
     gm.graph.lint()
     gm.recompile()
     return rewritten
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` although nothing reads its value. FX's own rule keeps
+    side-effectful functions but treats every ``call_method`` as pure, so an unused ``h.mul_(2)`` or
+    ``buf[:, n:].copy_(pos)`` (as diffusers' CogVideoX patch embedding writes its positional table) would be
+    deleted together with the nodes the rewrite replaced. In-place methods and functions (trailing underscore),
+    ``out=`` calls and ops with a mutable schema count as side effects here."""
+    if node.is_impure() or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None):

@@ -147,3 +147,20 @@ def test_inference_mode_works():
         for step in range(3):
             inputs = make_inputs(step=step)
             assert rel_err(compiled(**inputs), model(**inputs)) < 1e-5
+
+
+def test_dead_code_elimination_keeps_in_place_calls():
+    import operator
+
+    import torch.fx as fx
+
+    from chipmunk_compile.backend import has_side_effects
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    kept = [graph.call_method("mul_", (x, 2.0)), graph.call_method("copy_", (x, x)),
+            graph.call_function(torch.add, (x, x), {"out": x}), graph.call_function(operator.setitem, (x, 0, 1.0)),
+            graph.call_function(torch.ops.aten.add_.Tensor, (x, x))]
+    dropped = [graph.call_method("mul", (x, 2.0)), graph.call_function(torch.add, (x, x)),
+               graph.call_method("__getitem__", (x, 0))]
+    assert all(has_side_effects(n) for n in kept)
+    assert not any(has_side_effects(n) for n in dropped)
