@@ -136,7 +136,11 @@ def _keep_shapes_static() -> None:
 
 
 def _warn(message: str) -> None:
-    log.warning(message)
+    """One fallback message: a ChipmunkFallbackWarning (Python shows each text once), and a log record only
+    where the application has configured logging (otherwise logging's last-resort handler would print the same
+    text a second time, and again whenever Dynamo restarts a compile)."""
+    if log.hasHandlers():
+        log.warning(message)
     warnings.warn(message, ChipmunkFallbackWarning, stacklevel=3)
 
 
@@ -179,6 +183,21 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         return inner_compile(gm, example_inputs, options, torch_mode), None
 
 
+def _autocast_in_effect(gm: fx.GraphModule) -> str | None:
+    """Why autocast would change this graph's arithmetic (the model is called inside torch.autocast, or enters
+    it in its own code), or None."""
+    for device_type in ("cuda", "cpu", "xpu", "mps"):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                return f"the model is called under torch.autocast('{device_type}')"
+        except (RuntimeError, TypeError, ValueError):  # a device type this torch build does not know
+            continue
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "autocast" in getattr(node.target, "__name__", ""):
+            return "the model enters torch.autocast in its forward"
+    return None
+
+
 def _weight_ptrs(inputs) -> frozenset[int]:
     # Dynamo passes parameters as graph inputs; their addresses identify the module instance.
     return frozenset(t.data_ptr() for t in inputs if isinstance(t, torch.nn.Parameter))
@@ -196,6 +215,12 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         _warn("chipmunk: the model was called with gradients enabled; the delta caches are inference-only, so "
               f"this graph runs plain {options.inner_backend}. Call the model under torch.no_grad() or "
               "torch.inference_mode().")
+        return inner_compile(gm, example_inputs, options, torch_mode)
+    autocast = _autocast_in_effect(gm)
+    if autocast:
+        _warn(f"chipmunk: {autocast}; the chipmunk ops compute in the weights' dtype and do not follow autocast, "
+              f"so this graph runs plain {options.inner_backend}. Cast the model instead "
+              "(e.g. model.to(torch.bfloat16)) to run it sparse.")
         return inner_compile(gm, example_inputs, options, torch_mode)
     compiled, rt = _build(gm, example_inputs, options, torch_mode)
     if rt is None:

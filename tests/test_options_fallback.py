@@ -164,3 +164,35 @@ def test_dead_code_elimination_keeps_in_place_calls():
                graph.call_method("__getitem__", (x, 0))]
     assert all(has_side_effects(n) for n in kept)
     assert not any(has_side_effects(n) for n in dropped)
+
+
+def test_autocast_runs_plain_with_a_clear_warning():
+    """A float32 model called under torch.autocast: the chipmunk ops do not follow autocast (they would mix bf16
+    activations with float32 weights), so the graph runs plain with one warning and matches eager autocast."""
+    model, make_inputs = tiny_models.plain_dit()
+    inputs = make_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(**inputs)
+        with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="autocast"):
+            got = compile_chipmunk(model)(**inputs)
+    assert got.dtype == want.dtype and rel_err(got, want) < 1e-2
+
+
+def test_autocast_inside_the_model_runs_plain(monkeypatch):
+    class AutocastInside(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.inner(x, t)
+
+    model, make_inputs = tiny_models.plain_dit()
+    wrapped = AutocastInside(model).eval()
+    inputs = make_inputs()
+    with torch.no_grad():
+        want = wrapped(**inputs)
+        with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="autocast"):
+            got = compile_chipmunk(wrapped)(**inputs)
+    assert rel_err(got, want) < 1e-2
