@@ -135,6 +135,30 @@ def _keep_shapes_static() -> None:
         log.info("chipmunk: set torch._dynamo.config.automatic_dynamic_shapes=False (caches are per shape)")
 
 
+# frame id -> tensor-shape signature -> Dynamo recompile numbers of that frame that had it.
+_COMPILES_BY_SHAPE: dict = {}
+
+
+def _warn_on_recompiles_with_same_shapes(example_inputs) -> None:
+    """With automatic dynamic shapes off, a Python number argument that changes at every call (e.g. a float
+    timestep) makes Dynamo recompile the frame at every call: fresh caches each time (every step dense), until
+    its recompile limit sends the model to eager. Three compiles of one frame with the same tensor shapes say
+    so once."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    if compile_id is None or compile_id.frame_id is None:
+        return
+    if compile_id.frame_compile_id == 0:  # a new frame (ids restart after torch._dynamo.reset())
+        _COMPILES_BY_SHAPE[compile_id.frame_id] = {}
+    shapes = tuple((tuple(t.shape), t.dtype) for t in example_inputs if isinstance(t, torch.Tensor))
+    seen = _COMPILES_BY_SHAPE.setdefault(compile_id.frame_id, {}).setdefault(shapes, set())
+    seen.add(compile_id.frame_compile_id)
+    if len(seen) == 3:
+        _warn("chipmunk: this model was compiled 3 times with the same tensor shapes. A Python number argument "
+              "(e.g. a float timestep) probably changes at every call: the backend keeps Dynamo's shapes and "
+              "numbers static (automatic dynamic shapes off), so every call recompiles with fresh caches (dense) "
+              "until Dynamo's recompile limit. Pass such arguments as tensors.")
+
+
 def _warn(message: str) -> None:
     """One fallback message: a ChipmunkFallbackWarning (Python shows each text once), and a log record only
     where the application has configured logging (otherwise logging's last-resort handler would print the same
@@ -211,6 +235,7 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     options = ChipmunkOptions.from_dict(kwargs.get("options"))
     torch_mode = kwargs.get("mode")
     _keep_shapes_static()
+    _warn_on_recompiles_with_same_shapes(example_inputs)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
         _warn("chipmunk: the model was called with gradients enabled; the delta caches are inference-only, so "
               f"this graph runs plain {options.inner_backend}. Call the model under torch.no_grad() or "

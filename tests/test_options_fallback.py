@@ -196,3 +196,30 @@ def test_autocast_inside_the_model_runs_plain(monkeypatch):
         with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="autocast"):
             got = compile_chipmunk(wrapped)(**inputs)
     assert rel_err(got, want) < 1e-2
+
+
+def test_python_float_argument_recompiling_every_call_is_reported_once():
+    class FloatTimestep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t: float):
+            return self.inner(x, torch.full((x.shape[0],), t))
+
+    model, make_inputs = tiny_models.plain_dit()
+    wrapped = FloatTimestep(model).eval()
+    x = make_inputs()["x"]
+    compiled = compile_chipmunk(wrapped)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for step in range(5):
+            compiled(x, 1.0 - step / 50)
+    ours = [str(w.message) for w in caught if issubclass(w.category, chipmunk_compile.ChipmunkFallbackWarning)]
+    assert len(ours) == 1 and "compiled 3 times with the same tensor shapes" in ours[0], ours
+    # Tensor timesteps: one graph, no such warning.
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        denoise_loop(compile_chipmunk(model), make_inputs, steps=5)
+    assert not [w for w in caught if issubclass(w.category, chipmunk_compile.ChipmunkFallbackWarning)]
