@@ -46,14 +46,41 @@ def _is_torch_builtin(cls) -> bool:
     return module.startswith("torch.nn.modules")
 
 
+def _indexed_ancestors(node: fx.Node) -> list[str]:
+    """Paths on the node's module stack (outermost first) that are elements of a container (the path ends in
+    an index) and are not torch.nn building blocks (``t_embed.2`` of an nn.Sequential is a layer, not a block)."""
+    return [path for path, cls in module_stack(node) if path.split(".")[-1].isdigit() and not _is_torch_builtin(cls)]
+
+
+def repeated_containers(graph: fx.Graph) -> frozenset[str]:
+    """Containers whose traced elements are at least two modules of one class: the lists of transformer blocks.
+    A wrapper holding the transformer in a one-element list is not one; neither is a mixed list such as a
+    feed-forward's [activation projection, dropout, linear]. Computed once per graph."""
+    cached = getattr(graph, "_chipmunk_repeated_containers", None)
+    if cached is not None:
+        return cached
+    members: dict[str, dict[str, set]] = {}
+    for node in graph.nodes:
+        for path, cls in module_stack(node):
+            container, _, index = path.rpartition(".")
+            if index.isdigit() and not _is_torch_builtin(cls):
+                members.setdefault(container, {}).setdefault(index, set()).add(cls)
+    repeated = frozenset(container for container, elements in members.items()
+                         if len(elements) >= 2 and len(set().union(*elements.values())) == 1)
+    graph._chipmunk_repeated_containers = repeated
+    return repeated
+
+
 def block_of(node: fx.Node) -> str | None:
-    """The repeated block a node runs in: the outermost module on its stack that is an element of a container
-    (its path ends in an index) and is not a torch.nn building block (``t_embed.2`` of an nn.Sequential of
-    Linear/GELU/Linear is a layer, not a transformer block)."""
-    for path, cls in module_stack(node):
-        if path.split(".")[-1].isdigit() and not _is_torch_builtin(cls):
-            return path
-    return None
+    """The repeated block a node runs in: the innermost element of a list of same-class modules on its stack
+    (``stages.1.blocks.2`` in a staged model, ``models.0.blocks.3`` for a transformer held in a wrapper list);
+    without such a list (a one-block graph), the outermost indexed module."""
+    ancestors = _indexed_ancestors(node)
+    if not ancestors:
+        return None
+    repeated = repeated_containers(node.graph)
+    in_lists = [path for path in ancestors if path.rpartition(".")[0] in repeated]
+    return in_lists[-1] if in_lists else ancestors[0]
 
 
 @dataclasses.dataclass
@@ -87,10 +114,16 @@ class SiteRecord:
 
 def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
     """Numbers the repeated blocks of the graph in execution order and sets each site's layer."""
-    order: dict[str, int] = {}
+    seen: dict[str, None] = {}
     for node in graph.nodes:
         block = block_of(node)
-        if block is not None and block not in order:
+        if block is not None:
+            seen.setdefault(block)
+    # A module around other blocks (the one element of a wrapper list holding the transformer, whose embedding
+    # nodes fall back to it) is not a layer itself.
+    order: dict[str, int] = {}
+    for block in seen:
+        if not any(other.startswith(block + ".") for other in seen):
             order[block] = len(order)
     for site in sites:
         site.layer = order.get(site.block) if site.block is not None else None

@@ -103,3 +103,60 @@ def test_embedder_mlp_is_not_a_site():
     model, make_inputs = tiny_models.plain_dit()
     report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
     assert not any(s.module.startswith("t_embed") for s in report.sites)
+
+
+class _Stage(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.blocks = nn.ModuleList(tiny_models.PlainBlock(32, 2, 64) for _ in range(depth))
+
+    def forward(self, h, c):
+        for block in self.blocks:
+            h = block(h, c)
+        return h
+
+
+class _StagedDiT(tiny_models.PlainDiT):
+    """stages[i].blocks[j], as hourglass / multi-stage DiTs nest them."""
+
+    def __init__(self):
+        super().__init__(depth=1)
+        del self.blocks
+        self.stages = nn.ModuleList([_Stage(3), _Stage(3)])
+
+    def forward(self, x, t):
+        c = self.t_embed(t[:, None])
+        h = self.embed(x)
+        for stage in self.stages:
+            h = stage(h, c)
+        return self.out(h)
+
+
+class _Wrapper(nn.Module):
+    """A pipeline-style holder keeping the transformer in a one-element list."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.models = nn.ModuleList([inner])
+
+    def forward(self, x, t):
+        return self.models[0](x, t)
+
+
+@pytest.mark.parametrize("layout", ["staged", "wrapped"])
+def test_layers_count_the_innermost_block_lists(layout):
+    torch.manual_seed(0)
+    _, make_inputs = tiny_models.plain_dit()
+    model = (_StagedDiT() if layout == "staged" else _Wrapper(tiny_models.PlainDiT(depth=4))).eval()
+    report = chipmunk_compile.explain(model, **make_inputs())
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert [s.layer for s in attention] == list(range(len(attention))), [(s.module, s.layer) for s in attention]
+    # first_dense_layers=2 (default) keeps exactly the first two blocks dense.
+    assert [s.rewritten for s in attention] == [False, False] + [True] * (len(attention) - 2)
+
+
+def test_flux_layers_with_one_single_block():
+    model, make_inputs = tiny_models.flux(num_layers=2, num_single_layers=1)
+    report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
+    layers = {s.module.split(".attn")[0]: s.layer for s in report.sites if s.kind == "attention"}
+    assert layers == {"transformer_blocks.0": 0, "transformer_blocks.1": 1, "single_transformer_blocks.0": 2}
