@@ -171,10 +171,29 @@ def _mlp_site(out: fx.Node) -> Site | None:
     return site
 
 
+def _site_nodes(site: Site) -> set:
+    hidden = site.nodes["hidden"]
+    nodes = set(hidden["internal"]) | {site.nodes["out"], hidden["gate"]["linear"]}
+    if hidden["up"] is not None:
+        nodes.add(hidden["up"]["linear"])
+    return nodes
+
+
 def find_mlp_sites(graph: fx.Graph) -> list[Site]:
+    """MLP sites in graph order. A chain Linear-act-Linear-act-Linear matches twice, sharing the middle linear:
+    the first match is the site and the second is reported as overlapping (rewriting both would keep the first
+    op's work while the second recomputes the shared activations densely)."""
     sites = []
+    claimed: dict = {}
     for node in graph.nodes:
         site = _mlp_site(node)
-        if site is not None:
-            sites.append(site)
+        if site is None:
+            continue
+        nodes = _site_nodes(site)
+        overlap = next((claimed[n] for n in nodes if n in claimed), None)
+        if overlap is not None:
+            site.reason = site.reason or f"overlaps the MLP site at {overlap.module}"
+        elif not site.reason:
+            claimed.update((n, site) for n in nodes)
+        sites.append(site)
     return sites

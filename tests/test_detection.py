@@ -160,3 +160,30 @@ def test_flux_layers_with_one_single_block():
     report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
     layers = {s.module.split(".attn")[0]: s.layer for s in report.sites if s.kind == "attention"}
     assert layers == {"transformer_blocks.0": 0, "transformer_blocks.1": 1, "single_transformer_blocks.0": 2}
+
+
+def test_three_layer_mlp_is_one_site_not_two_overlapping():
+    class DeepMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.c(F.gelu(self.b(F.gelu(self.a(x)))))
+
+    class DeepBlock(tiny_models.PlainBlock):
+        def __init__(self):
+            super().__init__(32, 2, 64)
+            self.deep = DeepMLP()
+
+        def forward(self, x, c):
+            return x + self.deep(self.norm2(x))
+
+    torch.manual_seed(0)
+    model = tiny_models.PlainDiT(depth=2).eval()
+    model.blocks = nn.ModuleList([DeepBlock(), DeepBlock()]).eval()
+    _, make_inputs = tiny_models.plain_dit()
+    report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
+    mlp = [s for s in report.sites if s.kind == "mlp"]
+    assert [s.module.rsplit(".", 1)[-1] for s in mlp if s.rewritten] == ["b", "b"]
+    assert all("overlaps the MLP site" in s.reason for s in mlp if not s.rewritten) and len(mlp) == 4
