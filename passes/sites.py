@@ -72,9 +72,10 @@ def repeated_containers(graph: fx.Graph) -> frozenset[str]:
 
 
 def block_of(node: fx.Node) -> str | None:
-    """The repeated block a node runs in: the innermost element of a list of same-class modules on its stack
-    (``stages.1.blocks.2`` in a staged model, ``models.0.blocks.3`` for a transformer held in a wrapper list);
-    without such a list (a one-block graph), the outermost indexed module."""
+    """The repeated module a node runs in, as detection compares nodes (a site's nodes must share it): the
+    innermost element of a list of same-class modules on its stack (``stages.1.blocks.2`` in a staged model,
+    ``models.0.blocks.3`` for a transformer held in a wrapper list); without such a list (a one-block graph),
+    the outermost indexed module. ``assign_layers`` then picks each site's transformer block from these lists."""
     ancestors = _indexed_ancestors(node)
     if not ancestors:
         return None
@@ -112,11 +113,44 @@ class SiteRecord:
     details: dict[str, Any]
 
 
+def _pattern(path: str) -> str:
+    """``stages.1.blocks.2`` -> ``stages.*.blocks``: the role of a list, whichever element holds it."""
+    return ".".join("*" if part.isdigit() else part for part in path.rpartition(".")[0].split("."))
+
+
+def _list_elements(path: str, repeated: frozenset[str]) -> list[str]:
+    """The prefixes of a module path that are elements of repeated lists, outermost first."""
+    parts = path.split(".")
+    prefixes = (".".join(parts[:i + 1]) for i in range(len(parts)) if parts[i].isdigit())
+    return [p for p in prefixes if p.rpartition(".")[0] in repeated]
+
+
 def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
-    """Numbers the repeated blocks of the graph in execution order and sets each site's layer."""
+    """Numbers the transformer blocks of the graph in execution order and sets each site's block and layer.
+
+    A layer is an element of a list of same-class modules whose elements hold sites of every kind the graph
+    has (attention and MLP): the innermost such list on a site's path, so ``stages.1.blocks.2`` in a staged
+    model, but ``blocks.3`` and not ``blocks.3.ff.experts.5`` in a mixture-of-experts block. Without such a list
+    the innermost list holding any site; without lists at all (one block of each kind), the outermost indexed
+    module, as ``block_of`` gives it."""
+    repeated = repeated_containers(graph)
+    kinds_in: dict[str, set[str]] = {}
+    for site in sites:
+        for element in _list_elements(site.module, repeated):
+            kinds_in.setdefault(_pattern(element), set()).add(site.kind)
+    all_kinds = {site.kind for site in sites}
+    layer_lists = {p for p, kinds in kinds_in.items() if kinds >= all_kinds} or set(kinds_in)
+
+    def layer_block(path: str) -> str | None:
+        elements = [e for e in _list_elements(path, repeated) if _pattern(e) in layer_lists]
+        return elements[-1] if elements else None
+
+    for site in sites:
+        site.block = layer_block(site.module) or site.block
     seen: dict[str, None] = {}
     for node in graph.nodes:
-        block = block_of(node)
+        stack = module_stack(node)
+        block = (layer_block(stack[-1][0]) if stack else None) or block_of(node)
         if block is not None:
             seen.setdefault(block)
     # A module around other blocks (the one element of a wrapper list holding the transformer, whose embedding

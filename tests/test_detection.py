@@ -187,3 +187,37 @@ def test_three_layer_mlp_is_one_site_not_two_overlapping():
     mlp = [s for s in report.sites if s.kind == "mlp"]
     assert [s.module.rsplit(".", 1)[-1] for s in mlp if s.rewritten] == ["b", "b"]
     assert all("overlaps the MLP site" in s.reason for s in mlp if not s.rewritten) and len(mlp) == 4
+
+
+def test_mixture_of_experts_blocks_are_the_layers_not_the_experts():
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x)))
+
+    class MoEBlock(tiny_models.PlainBlock):
+        def __init__(self):
+            super().__init__(32, 2, 64)
+            self.experts = nn.ModuleList(Expert() for _ in range(3))
+
+        def forward(self, x, c):
+            h = self.norm1(x)
+            B, N, C = h.shape
+            q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+            x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+            h = self.norm2(x)
+            return x + sum(expert(h) for expert in self.experts)
+
+    torch.manual_seed(0)
+    model = tiny_models.PlainDiT(depth=3).eval()
+    model.blocks = nn.ModuleList(MoEBlock() for _ in range(3)).eval()
+    _, make_inputs = tiny_models.plain_dit()
+    report = chipmunk_compile.explain(model, **make_inputs())
+    layers = {(s.kind, s.module): s.layer for s in report.sites}
+    for (kind, module), layer in layers.items():
+        assert layer == int(module.split(".")[1]), (kind, module, layer)  # blocks.<layer>...
+    assert sum(kind == "mlp" for kind, _ in layers) == 9
+    assert [s.rewritten for s in report.sites if s.kind == "attention"] == [False, False, True]
