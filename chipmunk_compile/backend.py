@@ -173,7 +173,7 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     try:
         rewritten = copy_graph_module(gm)
         sites = detect_sites(rewritten, options)
-        rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=_weight_ptrs(example_inputs))
+        rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=_weight_ptrs(gm, example_inputs))
         code_before = rewritten.code
         count = rewrite_sites(rewritten, sites, rt.id, options)
     except Exception as exc:  # analysis must never break the user's model
@@ -222,9 +222,27 @@ def _autocast_in_effect(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def _weight_ptrs(inputs) -> frozenset[int]:
-    # Dynamo passes parameters as graph inputs; their addresses identify the module instance.
-    return frozenset(t.data_ptr() for t in inputs if isinstance(t, torch.nn.Parameter))
+def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:
+    """Indices of the graph inputs that are the module's parameters or buffers (Dynamo passes both as inputs),
+    parameters first: their addresses identify the module instance. Buffers count too: a model whose weights
+    are buffers (converted or frozen weights) would otherwise look like every other such model."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params, buffers = [], []
+    for i, (node, t) in enumerate(zip(placeholders, inputs)):
+        if not isinstance(t, torch.Tensor):
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = getattr(getattr(grapharg, "source", None), "name", "") or ""
+        source = source() if callable(source) else source
+        if isinstance(t, torch.nn.Parameter) or "._parameters[" in source or "_parameters_" in node.name:
+            params.append(i)
+        elif "._buffers[" in source or "_buffers_" in node.name:
+            buffers.append(i)
+    return params + buffers
+
+
+def _weight_ptrs(gm: fx.GraphModule, inputs) -> frozenset[int]:
+    return frozenset(inputs[i].data_ptr() for i in module_state_inputs(gm, inputs))
 
 
 def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
@@ -253,8 +271,8 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
 
     # Dynamo reuses one graph for every module instance with the same code and shapes (parameters are graph
     # inputs), e.g. two transformers compiled side by side. Caches belong to one instance: each instance
-    # (recognised by the address of its first parameter) gets its own rewritten graph and runtime.
-    first_param = next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
+    # (recognised by the address of its first parameter or buffer) gets its own rewritten graph and runtime.
+    first_param = next(iter(module_state_inputs(gm, example_inputs)), None)
     instances = {None if first_param is None else example_inputs[first_param].data_ptr(): (compiled, rt)}
 
     def run_with_state(*args):

@@ -91,14 +91,28 @@ def test_separate_cfg_invocations_keep_separate_caches():
         torch._dynamo.reset()
 
 
+def _weights_as_buffers(model):
+    """The same model with every parameter turned into a buffer (as converted or frozen weights are)."""
+    for module in list(model.modules()):
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                del module._parameters[name]
+                module.register_buffer(name, p.detach().clone())
+    return model
+
+
 @torch.no_grad()
-def test_two_models_side_by_side():
-    """Dynamo reuses one graph for both instances; each must still get its own caches."""
+@pytest.mark.parametrize("weights", ["parameters", "buffers"])
+def test_two_models_side_by_side(weights):
+    """Dynamo reuses one graph for both instances; each must still get its own caches (also when the weights
+    are buffers, which Dynamo passes as plain tensors)."""
     m1, make_inputs = tiny_models.flux()
     m2, _ = tiny_models.flux()
     with torch.no_grad():
         for p in m2.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    if weights == "buffers":
+        m1, m2 = _weights_as_buffers(m1), _weights_as_buffers(m2)
     seq, latents = [], None
     for s in range(5):  # one fixed input sequence, driven by m1
         seq.append(make_inputs(size=16, step=s, latents=latents))
