@@ -191,6 +191,12 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         _warn("chipmunk: this graph has attention/MLP computations but no repeated transformer blocks around "
               "them, so nothing is rewritten. With regional compilation (compile_repeated_blocks) each block "
               "is compiled alone: compile the whole transformer instead.")
+    in_blocks = [s for s in sites if s.block is not None]
+    if count == 0 and in_blocks and all(s.reason.startswith("layer ") for s in in_blocks):
+        _warn(f"chipmunk: none of this graph's {len(in_blocks)} sites is rewritten: all sit in its first "
+              f"{options.first_dense_layers} blocks (first_dense_layers={options.first_dense_layers}). Layers are "
+              "counted per compiled graph, so a graph break inside the transformer restarts the count: remove the "
+              "break (TORCH_LOGS=graph_breaks shows it) or lower first_dense_layers.")
     log.info("chipmunk: %d of %d sites rewritten (%d attention, %d mlp), %.1f MiB of cache state", count,
              len(sites), sum(s.rewritten and s.kind == "attention" for s in sites),
              sum(s.rewritten and s.kind == "mlp" for s in sites), rt.state_bytes / 2**20)

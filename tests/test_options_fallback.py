@@ -223,3 +223,24 @@ def test_python_float_argument_recompiling_every_call_is_reported_once():
         warnings.simplefilter("always")
         denoise_loop(compile_chipmunk(model), make_inputs, steps=5)
     assert not [w for w in caught if issubclass(w.category, chipmunk_compile.ChipmunkFallbackWarning)]
+
+
+def test_graph_break_inside_the_transformer_is_reported_when_it_leaves_everything_dense():
+    class Broken(tiny_models.PlainDiT):
+        def forward(self, x, t):
+            c = self.t_embed(t[:, None])
+            h = self.embed(x)
+            for block in self.blocks[:2]:
+                h = block(h, c)
+            torch._dynamo.graph_break()  # e.g. a print or .item() between blocks: two graphs of two blocks
+            for block in self.blocks[2:]:
+                h = block(h, c)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Broken(depth=4).eval()
+    _, make_inputs = tiny_models.plain_dit()
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="graph break inside the transformer"), \
+            torch.no_grad():
+        out = compile_chipmunk(model, first_dense_layers=2)(**make_inputs())
+    assert rel_err(out, model(**make_inputs())) < 1e-5
