@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import os
 from typing import Any
 
@@ -107,6 +108,9 @@ class ChipmunkOptions:
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "ChipmunkOptions":
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"chipmunk: options must be a dict of option name -> value (e.g. "
+                             f"options={{'mode': 'dense'}}), got {type(options).__name__} {options!r}.")
         options = dict(options or {})
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in options if k not in valid]
@@ -114,6 +118,15 @@ class ChipmunkOptions:
             hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
             hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
             raise ValueError(f"chipmunk: unknown option(s) {hint}. Valid options: {', '.join(valid)}.")
+        # numpy / torch scalars become Python numbers for numeric options (np.float32 is no float subclass).
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, value in options.items():
+            default, is_bool = defaults[key], isinstance(value, bool)
+            if isinstance(default, float) and isinstance(value, numbers.Real) and not is_bool:
+                options[key] = float(value)
+            elif (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, numbers.Integral)
+                  and not is_bool):
+                options[key] = int(value)
         if "dump_dir" not in options and os.environ.get("CHIPMUNK_DUMP_DIR"):
             options["dump_dir"] = os.environ["CHIPMUNK_DUMP_DIR"]
         for key in ("token_grid", "token_tile"):
@@ -125,7 +138,11 @@ class ChipmunkOptions:
                 steps = options[key]
                 if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
                     raise ValueError(f"chipmunk: option {key!r} must be a list of step numbers, got {steps!r}.")
-                options[key] = tuple(sorted(set(steps)))
+                steps = list(steps)
+                if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in steps):
+                    raise ValueError(f"chipmunk: option {key!r} must be a list of integer step numbers, got "
+                                     f"{steps!r}.")
+                options[key] = tuple(sorted({int(s) for s in steps}))
         opts = cls(**options)
         opts.validate()
         return opts

@@ -244,3 +244,15 @@ def test_graph_break_inside_the_transformer_is_reported_when_it_leaves_everythin
             torch.no_grad():
         out = compile_chipmunk(model, first_dense_layers=2)(**make_inputs())
     assert rel_err(out, model(**make_inputs())) < 1e-5
+
+
+def test_option_values_from_numpy_and_malformed_step_lists():
+    import numpy as np
+    opts = ChipmunkOptions.from_dict({"attn_sparsity": np.float32(0.5), "num_steps": np.int64(30),
+                                      "attn_dense_steps": [np.int64(10), 0]})
+    assert opts.attn_sparsity == 0.5 and type(opts.num_steps) is int and opts.attn_dense_steps == (0, 10)
+    for bad in ([0, "5"], [0, None], [0, [5]], [0, 2.5]):
+        with pytest.raises(ValueError, match="attn_dense_steps"):
+            ChipmunkOptions.from_dict({"attn_dense_steps": bad})
+    with pytest.raises(ValueError, match="options must be a dict"):
+        ChipmunkOptions.from_dict("mode=dense")
