@@ -191,6 +191,10 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         _warn("chipmunk: this graph has attention/MLP computations but no repeated transformer blocks around "
               "them, so nothing is rewritten. With regional compilation (compile_repeated_blocks) each block "
               "is compiled alone: compile the whole transformer instead.")
+    if options.token_grid is not None and count and all(s.details.get("token_order") != "tiles"
+                                                         for s in sites if s.rewritten):
+        _warn(f"chipmunk: token_grid={options.token_grid} matches no site's token count in this graph (a "
+              "different resolution?), so every site keeps raster token order.")
     in_blocks = [s for s in sites if s.block is not None]
     if count == 0 and in_blocks and all(s.reason.startswith("layer ") for s in in_blocks):
         _warn(f"chipmunk: none of this graph's {len(in_blocks)} sites is rewritten: all sit in its first "

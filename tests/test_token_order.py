@@ -79,3 +79,14 @@ def test_bad_token_grid_is_rejected():
         chipmunk_compile.ChipmunkOptions.from_dict({"token_grid": (64, 64)})
     with pytest.raises(ValueError, match="token_tile"):
         chipmunk_compile.ChipmunkOptions.from_dict({"token_tile": (1, 0, 8)})
+
+
+@pytest.mark.parametrize("grid,warns", [((1, 16, 16), False), ((1, 32, 32), True)])
+def test_a_token_grid_matching_no_site_is_reported(grid, warns):
+    import warnings
+    model, make_inputs = tiny_models.flux(num_layers=1, num_single_layers=1)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        compile_chipmunk(model, token_grid=grid, token_tile=(1, 4, 8))(**make_inputs(size=16))
+    ours = [str(w.message) for w in caught if issubclass(w.category, chipmunk_compile.ChipmunkFallbackWarning)]
+    assert any("matches no site's token count" in m for m in ours) == warns, ours
