@@ -233,9 +233,9 @@ def _autocast_in_effect(gm: fx.GraphModule) -> str | None:
 
 
 def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:
-    """Indices of the graph inputs that are the module's parameters or buffers (Dynamo passes both as inputs),
-    parameters first: their addresses identify the module instance. Buffers count too: a model whose weights
-    are buffers (converted or frozen weights) would otherwise look like every other such model."""
+    """Indices of the graph inputs whose addresses identify the module instance: its parameters (Dynamo passes
+    them as inputs), or, for a model without any (weights kept as buffers, as converted or frozen weights are),
+    its buffers; otherwise every such model would look like every other."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params, buffers = [], []
     for i, (node, t) in enumerate(zip(placeholders, inputs)):
@@ -248,7 +248,7 @@ def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:
             params.append(i)
         elif "._buffers[" in source or "_buffers_" in node.name:
             buffers.append(i)
-    return params + buffers
+    return params or buffers
 
 
 def _weight_ptrs(gm: fx.GraphModule, inputs) -> frozenset[int]:
@@ -281,7 +281,8 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
 
     # Dynamo reuses one graph for every module instance with the same code and shapes (parameters are graph
     # inputs), e.g. two transformers compiled side by side. Caches belong to one instance: each instance
-    # (recognised by the address of its first parameter or buffer) gets its own rewritten graph and runtime.
+    # (recognised by the address of its first parameter, or buffer without parameters) gets its own rewritten
+    # graph and runtime.
     first_param = next(iter(module_state_inputs(gm, example_inputs)), None)
     instances = {None if first_param is None else example_inputs[first_param].data_ptr(): (compiled, rt)}
 
