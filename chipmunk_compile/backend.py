@@ -12,6 +12,7 @@ plainly and one warning says why. Bad options raise immediately (they are the us
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 
@@ -22,7 +23,7 @@ from chipmunk_compile import dump, runtime
 from chipmunk_compile.options import ChipmunkOptions
 from chipmunk_compile.passes.dataflow import dataflow_graph
 from chipmunk_compile.passes.detect_attention import find_attention_sites
-from chipmunk_compile.passes.detect_mlp import find_mlp_sites
+from chipmunk_compile.passes.detect_mlp import find_mlp_sites, site_nodes as mlp_site_nodes
 from chipmunk_compile.passes.rewrite_attention import rewrite_attention
 from chipmunk_compile.passes.rewrite_mlp import rewrite_mlp
 from chipmunk_compile.passes.sites import Site, assign_layers
@@ -86,7 +87,13 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], runtime_id: int, option
             rewrite_mlp(gm, site, index, runtime_id, options, cache_device, dag)
         site.rewritten = True
         rewritten += 1
-    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    # The replaced computations go even where they update in place (an activation with inplace=True); any other
+    # unused node goes only if it has no side effects.
+    replaced = set()
+    for site in sites:
+        if site.rewritten:
+            replaced |= mlp_site_nodes(site) if site.kind == "mlp" else {site.nodes["out"]}
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node not in replaced and has_side_effects(node))
     gm.graph.lint()
     gm.recompile()
     return rewritten
@@ -97,8 +104,8 @@ def has_side_effects(node: fx.Node) -> bool:
     side-effectful functions but treats every ``call_method`` as pure, so an unused ``h.mul_(2)`` or
     ``buf[:, n:].copy_(pos)`` (as diffusers' CogVideoX patch embedding writes its positional table) would be
     deleted together with the nodes the rewrite replaced. In-place methods and functions (trailing underscore),
-    ``out=`` calls and ops with a mutable schema count as side effects here."""
-    if node.is_impure() or "out" in node.kwargs:
+    ``out=`` and ``inplace=True`` calls and ops with a mutable schema count as side effects here."""
+    if node.is_impure() or "out" in node.kwargs or _inplace_flag(node):
         return True
     if node.op == "call_method":
         name = node.target
@@ -110,6 +117,20 @@ def has_side_effects(node: fx.Node) -> bool:
     else:
         return False
     return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """A call such as F.relu(x, inplace=True) or F.silu(x, True)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op != "call_function" or not any(a is True for a in node.args):
+        return False
+    try:
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return "inplace" in params and params.index("inplace") < len(node.args) and \
+        node.args[params.index("inplace")] is True
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None):

@@ -171,7 +171,8 @@ def _mlp_site(out: fx.Node) -> Site | None:
     return site
 
 
-def _site_nodes(site: Site) -> set:
+def site_nodes(site: Site) -> set:
+    """The nodes an MLP site's op replaces: its linears, activations and products, up to the output."""
     hidden = site.nodes["hidden"]
     nodes = set(hidden["internal"]) | {site.nodes["out"], hidden["gate"]["linear"]}
     if hidden["up"] is not None:
@@ -189,7 +190,7 @@ def find_mlp_sites(graph: fx.Graph) -> list[Site]:
         site = _mlp_site(node)
         if site is None:
             continue
-        nodes = _site_nodes(site)
+        nodes = site_nodes(site)
         overlap = next((claimed[n] for n in nodes if n in claimed), None)
         if overlap is not None:
             site.reason = site.reason or f"overlaps the MLP site at {overlap.module}"

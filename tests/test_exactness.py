@@ -111,7 +111,8 @@ def test_model_dtype_output_cache_all_selected_and_half_the_bytes():
 
 class _InPlaceDiT(tiny_models.PlainDiT):
     """Unused in-place updates around the sites: a scaled embedding, a slice filled in place (as diffusers'
-    CogVideoX patch embedding writes its positional table) and an adaLN-style modulation chained in place."""
+    CogVideoX patch embedding writes its positional table), an activation with inplace=True and an adaLN-style
+    modulation chained in place."""
 
     def forward(self, x, t):
         c = self.t_embed(t[:, None])
@@ -120,6 +121,7 @@ class _InPlaceDiT(tiny_models.PlainDiT):
         pos = torch.zeros_like(h)
         pos[:, 3:].copy_(h[:, :-3])
         h = h + pos
+        torch.nn.functional.silu(h, inplace=True)  # result unused: the update of h is what counts
         for block in self.blocks:
             h = block(h, c)
         y = self.out(h)
@@ -147,3 +149,24 @@ def test_cogvideox_off_its_sample_size_dense_mode_equals_eager():
     compiled = denoise_loop(compile_chipmunk(model, mode="dense"), make_inputs, steps=2, size=10)
     for step, (a, b) in enumerate(zip(compiled, eager)):
         assert rel_err(a, b) < 1e-5, (step, rel_err(a, b))
+
+
+class _InPlaceActBlock(tiny_models.PlainBlock):
+    def forward(self, x, c):
+        h = self.norm2(x)
+        return x + self.w_down(torch.nn.functional.silu(self.w_gate(h), inplace=True) * self.w_up(h))
+
+
+def test_in_place_activation_inside_a_site_is_replaced_with_it(tmp_path):
+    """The site's own in-place activation goes with the rewrite (its dense gate projection is not kept alive)."""
+    torch.manual_seed(0)
+    model = tiny_models.PlainDiT(depth=2).eval()
+    model.blocks = torch.nn.ModuleList(_InPlaceActBlock(32, 2, 64) for _ in range(2)).eval()
+    _, make_inputs = tiny_models.plain_dit()
+    eager = denoise_loop(model, make_inputs, steps=3)
+    compiled = denoise_loop(compile_chipmunk(model, mode="dense", inner_backend="eager", dump_dir=str(tmp_path)),
+                            make_inputs, steps=3)
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(compiled, eager))
+    after = next(p for p in tmp_path.iterdir() if p.name.endswith("_after.py")).read_text()
+    dense_gate = [line for line in after.splitlines() if "linear(" in line and "w_gate" in line]
+    assert not dense_gate, dense_gate  # the dense gate projection would still run every step
