@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+import weakref
 
 import torch
 import torch.fx as fx
@@ -195,6 +196,7 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         rewritten = copy_graph_module(gm)
         sites = detect_sites(rewritten, options)
         rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=_weight_ptrs(gm, example_inputs))
+        rt.weight_refs = tuple(weakref.ref(example_inputs[i]) for i in module_state_inputs(gm, example_inputs))
         code_before = rewritten.code
         count = rewrite_sites(rewritten, sites, rt.id, options)
     except Exception as exc:  # analysis must never break the user's model

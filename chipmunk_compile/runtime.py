@@ -40,6 +40,7 @@ class GraphRuntime:
         self.id = next(_ids)
         self.options = options
         self.weight_ptrs = weight_ptrs
+        self.weight_refs: tuple = ()      # weak references to the identifying tensors (set by the backend)
         self.calls = 0
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
@@ -128,18 +129,30 @@ def live_runtimes() -> list[GraphRuntime]:
     return list(_RUNTIMES.values())
 
 
-def _module_weight_ptrs(model) -> set[int]:
+def _module_tensors(model) -> list[torch.Tensor]:
     module = getattr(model, "_orig_mod", model)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"chipmunk.reset: expected an nn.Module (or torch.compile'd module), got {type(model)}")
-    return {p.data_ptr() for p in module.parameters()} | {b.data_ptr() for b in module.buffers()}
+    return [*module.parameters(), *module.buffers()]
+
+
+def _belongs_to(rt: GraphRuntime, tensors: list[torch.Tensor], ptrs: set[int]) -> bool:
+    """The graph was compiled from these weights: the same tensor objects where the backend recorded them (a
+    new model that reuses a deleted one's memory is not the deleted model), else the same addresses."""
+    if not rt.weight_ptrs & ptrs:
+        return False
+    if not rt.weight_refs:
+        return True
+    ids = {id(t) for t in tensors}
+    return any((t := ref()) is not None and id(t) in ids for ref in rt.weight_refs)
 
 
 def _runtimes_of(model) -> list[GraphRuntime]:
     runtimes = live_runtimes()
     if model is not None:
-        ptrs = _module_weight_ptrs(model)
-        runtimes = [rt for rt in runtimes if rt.weight_ptrs & ptrs]
+        tensors = _module_tensors(model)
+        ptrs = {t.data_ptr() for t in tensors}
+        runtimes = [rt for rt in runtimes if _belongs_to(rt, tensors, ptrs)]
     return runtimes
 
 

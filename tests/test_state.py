@@ -157,3 +157,19 @@ def test_derived_weight_copies_follow_in_place_updates():
         w.add_(1.0)
     again = rt.derived("w", w, lambda t: t.t().contiguous())
     assert again is not first and torch.equal(again, w.t())
+
+
+@torch.no_grad()
+def test_stats_and_reset_follow_the_weight_tensors_not_just_their_addresses():
+    """A model whose weights sit at another model's addresses (as a new model may after a deleted one) is not
+    that model: stats and reset must not report or touch its graphs."""
+    m1, make_inputs = tiny_models.plain_dit()
+    before = runtime_ids()
+    compiled = compile_chipmunk(m1)
+    compiled(**make_inputs())
+    assert len(newest_runtimes(before)) == 1
+    m2, _ = tiny_models.plain_dit()
+    for p2, p1 in zip(m2.parameters(), m1.parameters()):
+        p2.data = p1.data  # same storage, different Parameter objects
+    assert chipmunk_compile.stats(m2) == [] and chipmunk_compile.reset(m2) == 0
+    assert len(chipmunk_compile.stats(m1)) == 1 and chipmunk_compile.stats(compiled) == chipmunk_compile.stats(m1)
