@@ -157,6 +157,15 @@ def _dense_gemm_bt(A, B, Cout, M, N, K, stride_am, stride_bn, stride_cm, BLOCK_M
     tl.store(Cout + rm[:, None] * stride_cm + rn[None, :], acc.to(Cout.dtype.element_ty))
 
 
+def dense_gemm(x, w, out, bm=128, bn=256, group=8, warps=8, stages=3):
+    """out = x @ w^T with ``_dense_gemm_bt`` (shapes multiples of the tile)."""
+    M, K = x.shape
+    N = w.shape[0]
+    _dense_gemm_bt[(M // bm * (N // bn),)](x, w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
+                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=group, num_warps=warps,
+                                          num_stages=stages)
+
+
 def ceilings(N, sp, C=3072, Fh=12288):
     """Triton's dense GEMM with the mm1 tile (no gather) vs cuBLAS on mm1's FLOPs; the scoring GEMM as
     F.linear (nb x F output) vs the transposed product (F x nb) cuBLAS may tile across more SMs."""
@@ -171,9 +180,7 @@ def ceilings(N, sp, C=3072, Fh=12288):
     rec(shape, "cuBLAS x @ W1[:k]^T", graph_ms(lambda: torch.mm(x, w1k.t(), out=out), False))
     for group, stages in ((0, 3), (8, 3), (32, 3), (8, 4)):
         def tri():
-            _dense_gemm_bt[(N // 128 * (k // 256),)](x, w1k, out, N, k, C, x.stride(0), w1k.stride(0), out.stride(0),
-                                                      BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=group,
-                                                      num_warps=8, num_stages=stages)
+            dense_gemm(x, w1k, out, group=group, stages=stages)
         tri()
         err = rel_err(out, x @ w1k.t())
         rec(shape, f"Triton dense 128x256x64 GEMM (no gather) group={group} stages={stages}", graph_ms(tri, False),
@@ -205,9 +212,7 @@ def tile_ceilings(N, sp, C=3072, Fh=12288):
     for bm, bn, warps, stages in ((128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4),
                                   (64, 256, 4, 4), (64, 128, 4, 5)):
         def tri():
-            _dense_gemm_bt[(N // bm * (k // bn),)](x, w1k, out, N, k, C, x.stride(0), w1k.stride(0), out.stride(0),
-                                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps,
-                                                    num_stages=stages)
+            dense_gemm(x, w1k, out, bm, bn, warps=warps, stages=stages)
         try:
             tri()
             err = rel_err(out, want)

@@ -195,8 +195,9 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     try:
         rewritten = copy_graph_module(gm)
         sites = detect_sites(rewritten, options)
-        rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=_weight_ptrs(gm, example_inputs))
-        rt.weight_refs = tuple(weakref.ref(example_inputs[i]) for i in module_state_inputs(gm, example_inputs))
+        weights = [example_inputs[i] for i in module_state_inputs(gm, example_inputs)]
+        rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=frozenset(w.data_ptr() for w in weights),
+                                  weight_refs=tuple(weakref.ref(w) for w in weights))
         code_before = rewritten.code
         count = rewrite_sites(rewritten, sites, rt.id, options)
     except Exception as exc:  # analysis must never break the user's model
@@ -273,9 +274,6 @@ def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:
             buffers.append(i)
     return params or buffers
 
-
-def _weight_ptrs(gm: fx.GraphModule, inputs) -> frozenset[int]:
-    return frozenset(inputs[i].data_ptr() for i in module_state_inputs(gm, inputs))
 
 
 def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):

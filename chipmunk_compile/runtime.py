@@ -36,11 +36,12 @@ class SiteFlags:
 class GraphRuntime:
     """Step counter and cache-validity flags of one compiled graph."""
 
-    def __init__(self, options: ChipmunkOptions, num_sites: int, weight_ptrs: frozenset[int]):
+    def __init__(self, options: ChipmunkOptions, num_sites: int, weight_ptrs: frozenset[int],
+                 weight_refs: tuple = ()):
         self.id = next(_ids)
         self.options = options
         self.weight_ptrs = weight_ptrs
-        self.weight_refs: tuple = ()      # weak references to the identifying tensors (set by the backend)
+        self.weight_refs = weight_refs    # weak references to the tensors weight_ptrs were taken from
         self.calls = 0
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
