@@ -16,8 +16,10 @@ All times are CUDA-graph replays (GPU time, no Python launch overhead), medians:
   against the default's.
 - ceilings (``--only ceiling``): Triton's own dense GEMM with mm1's tile (no gather) next to cuBLAS, and the
   scoring GEMM / noise draw variants; (``--only tiles``) the same dense GEMM per tile shape with its operand bytes
-  per FLOP and the L2 rate they imply.
-Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2,persistent,ceiling,tiles] [--shapes N:sp,...]   (prints a table; JSON via results_io)
+  per FLOP and the L2 rate they imply; (``--only autows``) dense GEMMs through TMA descriptors with and without
+  Triton's automatic warp specialisation, persistent or not, at mm1's and mm2's shapes; (``--only ptma``) mm1 / mm2
+  as persistent kernels with the non-gathered operand through TMA, against the shipped kernels.
+Usage: python benchmarks/mlp_experiments.py [--only sel,mm1,mm2,persistent,ceiling,tiles,autows,ptma] [--shapes N:sp,...]   (prints a table; JSON via results_io)
 """
 from __future__ import annotations
 
@@ -164,6 +166,209 @@ def dense_gemm(x, w, out, bm=128, bn=256, group=8, warps=8, stages=3):
     _dense_gemm_bt[(M // bm * (N // bn),)](x, w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
                                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=group, num_warps=warps,
                                           num_stages=stages)
+
+
+@triton.jit
+def _dense_gemm_tma_ws(A_DESC, B_DESC, Cout, M, N, K, stride_cm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr):
+    # C = A @ B^T with both operands through TMA descriptors and (WS) Triton 3.6's automatic warp specialisation,
+    # which on Hopper splits the K loop into a TMA producer warpgroup and num_warps-sized consumer groups (it only
+    # takes descriptor loads: a pointer-gathered operand fails the pass). Dense, no gather, no epilogue work.
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M // BLOCK_M, N // BLOCK_N, GROUP_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
+        acc = tl.dot(A_DESC.load([pid_m * BLOCK_M, k0]), B_DESC.load([pid_n * BLOCK_N, k0]).T, acc)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(Cout + rm[:, None] * stride_cm + rn[None, :], acc.to(Cout.dtype.element_ty))
+
+
+@triton.jit
+def _dense_gemm_tma_ws_persistent(A_DESC, B_DESC, Cout, M, N, K, stride_cm, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                                  WS: tl.constexpr, PROGRAMS: tl.constexpr):
+    # The same with one program per SM looping over tiles (warp specialisation on the tile loop).
+    n_m = M // BLOCK_M
+    n_n = N // BLOCK_N
+    for tile in tl.range(tl.program_id(0), n_m * n_n, PROGRAMS, warp_specialize=WS):
+        pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            acc = tl.dot(A_DESC.load([pid_m * BLOCK_M, k0]), B_DESC.load([pid_n * BLOCK_N, k0]).T, acc)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(Cout + rm[:, None] * stride_cm + rn[None, :], acc.to(Cout.dtype.element_ty))
+
+
+@triton.jit
+def _mm1_persistent_tma(X_DESC, W_DESC, WG, BG, IDX, ACACHE, DELTA, stride_wgf, stride_an, stride_af, N, C, nb,
+                        n_sel, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+                        BLOCK_C: tl.constexpr, GROUP_T: tl.constexpr, PROGRAMS: tl.constexpr, GATHER: tl.constexpr):
+    # mm1, one program per SM looping over (token block, unit tile) tiles, x tiles through TMA, the gathered W1
+    # rows through cp.async (GATHER=False: W1 rows first..first+BLOCK_F through TMA instead -- the cost of the
+    # gather, timing only, its result is not mm1's); batch 1, full blocks, n_sel % BLOCK_F == C % BLOCK_C == 0.
+    n_f = n_sel // BLOCK_F
+    for tile in tl.range(tl.program_id(0), nb * n_f, PROGRAMS):
+        blk, pid_f = _tile_coords(tile, nb, n_f, GROUP_T)
+        local = tl.arange(0, BLOCK_T)
+        rows = blk * BLOCK_T + local
+        units = tl.load(IDX + blk * n_sel + pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
+        offs_c = tl.arange(0, BLOCK_C)
+        w_ptrs = WG + units[None, :] * stride_wgf + offs_c[:, None]
+        acc = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            if GATHER:
+                w = tl.load(w_ptrs)
+            else:
+                w = W_DESC.load([pid_f * BLOCK_F, c0]).T
+            acc = tl.dot(X_DESC.load([blk * BLOCK_T, c0]), w, acc)
+            w_ptrs += BLOCK_C
+        _mm1_epilogue(acc, acc, pid_f * BLOCK_F, BLOCK_F, rows, local, local < BLOCK_T, 0, blk * n_sel, IDX, BG, BG,
+                      ACACHE, DELTA, 0, stride_an, stride_af, n_sel, BLOCK_T, True, False, False, ACT)
+
+
+@triton.jit
+def _mm2_persistent_tma(D_DESC, IDX, W2, Y, OUT, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+                        PROGRAMS: tl.constexpr):
+    # mm2, one program per SM looping over (token block, output tile) tiles, packed delta tiles through TMA, the
+    # gathered W2^T rows through cp.async; batch 1, full blocks, n_sel % BLOCK_K == Dout % BLOCK_D == 0.
+    n_d = Dout // BLOCK_D
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), nb * n_d, PROGRAMS):
+        blk, pid_d = _tile_coords(tile, nb, n_d, GROUP_T)
+        rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for k0 in range(0, n_sel, BLOCK_K):
+            units = tl.load(IDX + blk * n_sel + k0 + offs_k).to(tl.int64)
+            w = tl.load(W2 + units[:, None] * stride_w2f + offs_o[None, :])
+            acc = tl.dot(D_DESC.load([blk * BLOCK_T, k0]), w, acc)
+        acc0, acc1 = _column_halves(acc, BLOCK_T, BLOCK_D)
+        row_ok = rows < nb * BLOCK_T
+        _mm2_epilogue(acc0, pid_d * BLOCK_D, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1, 0, stride_on, 1,
+                      Dout, False, True)
+        _mm2_epilogue(acc1, pid_d * BLOCK_D + BLOCK_D // 2, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1,
+                      0, stride_on, 1, Dout, False, True)
+
+
+def persistent_tma(N, sp, C=3072, Fh=12288):
+    """The persistent + TMA schedule that lifts Triton's dense GEMM from ~540 to ~700 TFLOP/s, applied to the
+    gathered GEMMs (x / delta tiles through TMA, gathered weight rows through cp.async, full epilogues, bf16
+    y_cache as shipped), against the shipped kernels on the same inputs; outputs checked against them."""
+    torch.manual_seed(3)
+    shape = f"N{N} sp{sp}"
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEV))
+    x = torch.randn(1, N, C, device=DEV, dtype=BF16)
+    w1, b1 = torch.randn(Fh, C, device=DEV, dtype=BF16) * C ** -0.5, torch.randn(Fh, device=DEV, dtype=BF16)
+    w2 = torch.randn(C, Fh, device=DEV, dtype=BF16) * Fh ** -0.5
+    w2_t = w2.t().contiguous().t()
+    a_cache = F.gelu(F.linear(x, w1, b1), approximate="tanh")[0].t().contiguous().unsqueeze(0).transpose(1, 2)
+    y_cache = torch.randn(1, N, C, device=DEV).to(BF16)
+    out = torch.empty(1, N, C, device=DEV, dtype=BF16)
+    nb, k = N // T, kept(Fh, sp, 256)
+    indices = torch.stack([torch.randperm(Fh, device=DEV)[:k].sort().values for _ in range(nb)]).int().unsqueeze(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def run(m1=True, m2=True, delta=None):
+        return mlp_tr._launch(x, w1, b1, None, None, w2_t, "gelu_tanh", indices, a_cache, y_cache, T, None,
+                              run_mm1=m1, run_mm2=m2, delta=delta, out=out)
+    a0, y0 = a_cache.clone(), y_cache.clone()
+    delta = run(m2=False)
+    a_ref, d_ref = a_cache.clone(), delta.clone()
+    rec(shape, "ptma: mm1 shipped", graph_ms(lambda: run(m2=False, delta=delta), False))
+    x_desc = TensorDescriptor.from_tensor(x[0], [128, 64])
+    w_desc = TensorDescriptor.from_tensor(w1, [256, 64])
+    for stages, group, gather in ((3, 8, True), (4, 8, True), (3, 0, True), (3, 32, True), (3, 8, False)):
+        dt = torch.empty_like(delta)
+
+        def mm1():
+            _mm1_persistent_tma[(sms,)](x_desc, w_desc, w1, b1, indices, a_cache, dt, w1.stride(0), a_cache.stride(1),
+                                       a_cache.stride(2), N, C, nb, k, ACT=1, BLOCK_T=128, BLOCK_F=256, BLOCK_C=64,
+                                       GROUP_T=group, PROGRAMS=sms, GATHER=gather, num_warps=8, num_stages=stages)
+        what = f"ptma: mm1 persistent TMA-x stages={stages} group={group} gather={gather}"
+        try:
+            a_cache.copy_(a0)
+            mm1()
+            err = max(rel_err(dt, d_ref), rel_err(a_cache, a_ref)) if gather else None
+            rec(shape, what, graph_ms(mm1, False), err=err)
+        except Exception as e:  # noqa: BLE001
+            rec(shape, f"{what} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", -1.0)
+    a_cache.copy_(a0)
+    y_cache.copy_(y0)
+    run(m1=False, delta=d_ref)
+    y_ref, o_ref = y_cache.clone(), out.clone()
+    rec(shape, "ptma: mm2 shipped", graph_ms(lambda: run(m1=False, delta=d_ref), False))
+    d_desc = TensorDescriptor.from_tensor(d_ref.reshape(nb * T, k), [128, 64])
+    for bd, warps, stages, group in ((256, 8, 5, 8), (256, 8, 4, 8), (256, 8, 3, 8), (256, 8, 5, 32), (128, 4, 5, 8)):
+        def mm2():
+            _mm2_persistent_tma[(sms,)](d_desc, indices, w2_t, y_cache, out, w2_t.stride(1), y_cache.stride(1),
+                                       out.stride(1), C, nb, k, BLOCK_T=128, BLOCK_D=bd, BLOCK_K=64, GROUP_T=group,
+                                       PROGRAMS=sms, num_warps=warps, num_stages=stages)
+        what = f"ptma: mm2 persistent TMA-delta {bd}x64 w{warps} s{stages} group={group}"
+        try:
+            y_cache.copy_(y0)
+            mm2()
+            err = max(rel_err(y_cache.float() - y0.float(), y_ref.float() - y0.float()), rel_err(out, o_ref))
+            rec(shape, what, graph_ms(mm2, False), err=err)
+        except Exception as e:  # noqa: BLE001
+            rec(shape, f"{what} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", -1.0)
+
+
+AUTOWS_CONFIGS = ((False, 128, 256, 8, 3, False), (False, 128, 256, 4, 3, True), (False, 128, 256, 4, 4, True),
+                  (False, 128, 128, 4, 4, True), (False, 128, 128, 4, 5, True), (True, 128, 256, 4, 3, True),
+                  (True, 128, 256, 4, 4, True), (True, 128, 256, 8, 3, False))
+
+
+def autows_ceilings(N, sp, C=3072, Fh=12288, configs=None, baselines=True, gemms=("mm1", "mm2")):
+    """Does Triton 3.6's automatic warp specialisation (TMA producer + consumer warpgroups) lift the dense GEMM
+    above the ~550 TFLOP/s of the software-pipelined kernels? mm1's shape (N x k x C) and mm2's (N x C x k).
+    ``configs``: indices into AUTOWS_CONFIGS (the first warp-specialised config hung on the H100, so the driver
+    runs one config per process under a timeout)."""
+    torch.manual_seed(3)
+    k = kept(Fh, sp, 256)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEV))
+    for name, (M, Nn, K) in (("mm1", (N, k, C)), ("mm2", (N, C, k))):
+        if name not in gemms:
+            continue
+        shape = f"N{N} sp{sp} {name}"
+        a = torch.randn(M, K, device=DEV, dtype=BF16)
+        b = torch.randn(Nn, K, device=DEV, dtype=BF16) * K ** -0.5
+        out = torch.empty(M, Nn, device=DEV, dtype=BF16)
+        flops = 2 * M * Nn * K
+        want = a @ b.t()
+        if baselines:
+            t = graph_ms(lambda: torch.mm(a, b.t(), out=out), False)
+            rec(shape, "autows: cuBLAS", t, tflops=flops / t / 1e9)
+            t = graph_ms(lambda: dense_gemm(a, b, out), False)
+            rec(shape, "autows: Triton pointer loads 128x256 w8 s3", t, tflops=flops / t / 1e9,
+                err=rel_err(out, want))
+        for i, (persistent, bm, bn, warps, stages, ws) in enumerate(AUTOWS_CONFIGS):
+            if configs is not None and i not in configs:
+                continue
+            a_desc = TensorDescriptor.from_tensor(a, [bm, 64])
+            b_desc = TensorDescriptor.from_tensor(b, [bn, 64])
+            programs = torch.cuda.get_device_properties(0).multi_processor_count
+
+            def tri():
+                if persistent:
+                    _dense_gemm_tma_ws_persistent[(programs,)](
+                        a_desc, b_desc, out, M, Nn, K, out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
+                        WS=ws, PROGRAMS=programs, num_warps=warps, num_stages=stages)
+                else:
+                    _dense_gemm_tma_ws[(M // bm * (Nn // bn),)](
+                        a_desc, b_desc, out, M, Nn, K, out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
+                        WS=ws, num_warps=warps, num_stages=stages)
+            what = f"autows: TMA {'persistent ' if persistent else ''}{bm}x{bn} w{warps} s{stages} ws={ws}"
+            try:
+                out.fill_(float("nan"))
+                tri()
+                err = rel_err(out, want)
+                t = graph_ms(tri, False)
+            except Exception as e:  # noqa: BLE001
+                rec(shape, f"{what} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", -1.0)
+                continue
+            rec(shape, what, t, tflops=flops / t / 1e9, err=err)
 
 
 def ceilings(N, sp, C=3072, Fh=12288):
@@ -449,6 +654,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="sel,mm1,mm2")
     parser.add_argument("--shapes", default="4608:0.7,4608:0.9,16896:0.7,16896:0.9", help="N:sparsity list")
+    parser.add_argument("--autows-configs", default=None, help="indices into AUTOWS_CONFIGS (default: all)")
+    parser.add_argument("--no-baselines", action="store_true", help="autows: skip the cuBLAS / pointer rows")
+    parser.add_argument("--gemms", default="mm1,mm2", help="autows: which GEMM shapes")
     args = parser.parse_args()
     ONLY.clear()
     ONLY.update(args.only.split(","))
@@ -458,11 +666,18 @@ def main():
             ceilings(int(n), float(sp))
         if "tiles" in ONLY:
             tile_ceilings(int(n), float(sp))
+        if "ptma" in ONLY:
+            persistent_tma(int(n), float(sp))
+        if "autows" in ONLY:
+            autows_ceilings(int(n), float(sp), configs=None if args.autows_configs is None else
+                            [int(i) for i in args.autows_configs.split(",")], baselines=not args.no_baselines,
+                            gemms=args.gemms.split(","))
         if ONLY & {"sel", "mm1", "mm2", "persistent"}:
             bench(int(n), float(sp))
     if "sel" in ONLY:
         attention_rows()
-    write_results("mlp_experiments" + ("" if ONLY == {"sel", "mm1", "mm2"} else "_" + "_".join(sorted(ONLY))),
+    write_results("mlp_experiments" + ("" if ONLY == {"sel", "mm1", "mm2"} else "_" + "_".join(sorted(ONLY)))
+                  + os.environ.get("RESULTS_SUFFIX", ""),
                   dict(results=ROWS))
 
 
