@@ -196,8 +196,7 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         rewritten = copy_graph_module(gm)
         sites = detect_sites(rewritten, options)
         weights = [example_inputs[i] for i in module_state_inputs(gm, example_inputs)]
-        rt = runtime.GraphRuntime(options, num_sites=len(sites), weight_ptrs=frozenset(w.data_ptr() for w in weights),
-                                  weight_refs=tuple(weakref.ref(w) for w in weights))
+        rt = runtime.GraphRuntime(options, num_sites=len(sites), weights=weights)
         code_before = rewritten.code
         count = rewrite_sites(rewritten, sites, rt.id, options)
     except Exception as exc:  # analysis must never break the user's model
@@ -276,6 +275,17 @@ def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:
 
 
 
+class _Instances(dict):
+    """A compiled graph's module instances: identity key -> (compiled callable, runtime). A dict that can be
+    referenced weakly."""
+
+
+def _drop_instance(instances_ref, key) -> None:
+    instances = instances_ref()
+    if instances is not None:
+        instances.pop(key, None)
+
+
 def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     """Entry point registered as torch_dynamo_backends: chipmunk."""
     unknown = set(kwargs) - {"options", "mode"}
@@ -302,17 +312,28 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
 
     # Dynamo reuses one graph for every module instance with the same code and shapes (parameters are graph
     # inputs), e.g. two transformers compiled side by side. Caches belong to one instance: each instance
-    # (recognised by the address of its first parameter, or buffer without parameters) gets its own rewritten
-    # graph and runtime.
+    # (recognised by its first parameter object, or buffer without parameters) gets its own rewritten graph and
+    # runtime. The object, not its address: weights moved to new memory (offloading to the CPU and back) are the
+    # same model and keep their graph and caches. An instance's graph and caches are released with that object
+    # (the model deleted, or its parameters replaced), not kept until torch._dynamo.reset().
     first_param = next(iter(module_state_inputs(gm, example_inputs)), None)
-    instances = {None if first_param is None else example_inputs[first_param].data_ptr(): (compiled, rt)}
+    instances = _Instances()
+
+    def add_instance(identity, entry):
+        key = None if identity is None else id(identity)
+        instances[key] = entry
+        if identity is not None:  # weakly: the graph may go first (torch._dynamo.reset()) and take its entries
+            weakref.finalize(identity, _drop_instance, weakref.ref(instances), key)
+        return entry
+
+    add_instance(None if first_param is None else example_inputs[first_param], (compiled, rt))
 
     def run_with_state(*args):
-        key = None if first_param is None else args[first_param].data_ptr()
-        entry = instances.get(key)
+        identity = None if first_param is None else args[first_param]
+        entry = instances.get(None if identity is None else id(identity))
         if entry is None:
             log.info("chipmunk: graph reused for another module instance; compiling its own copy")
-            entry = instances[key] = _build(gm, list(args), options, torch_mode)
+            entry = add_instance(identity, _build(gm, list(args), options, torch_mode))
         fn, state = entry
         if state is None:
             return fn(*args)

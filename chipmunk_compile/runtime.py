@@ -36,12 +36,14 @@ class SiteFlags:
 class GraphRuntime:
     """Step counter and cache-validity flags of one compiled graph."""
 
-    def __init__(self, options: ChipmunkOptions, num_sites: int, weight_ptrs: frozenset[int],
-                 weight_refs: tuple = ()):
+    def __init__(self, options: ChipmunkOptions, num_sites: int, weights: list[torch.Tensor] = ()):
         self.id = next(_ids)
         self.options = options
-        self.weight_ptrs = weight_ptrs
-        self.weight_refs = weight_refs    # weak references to the tensors weight_ptrs were taken from
+        # The model's weight tensors (graph inputs) identify it: weak references for stats/reset, and their
+        # object ids as the key of the model's active graph. Objects, not addresses: weights moved to new memory
+        # are the same model, and a new model in a deleted one's memory is not.
+        self.weight_refs = tuple(weakref.ref(w) for w in weights)
+        self.model_key = frozenset(id(w) for w in weights)
         self.calls = 0
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
@@ -110,12 +112,16 @@ _active: dict[frozenset, int] = {}
 
 
 def activate(rt: GraphRuntime) -> None:
-    if _active.get(rt.weight_ptrs) != rt.id:
+    if _active.get(rt.model_key) != rt.id:
         if rt.calls:
             log.info("chipmunk: graph %d restarts from dense steps: another graph of the same model ran since "
                      "its last call (new resolution/batch, or cond/uncond calls of different shapes)", rt.id)
             rt.reset()
-        _active[rt.weight_ptrs] = rt.id
+        _active[rt.model_key] = rt.id
+        if len(_active) > 4 * len(_RUNTIMES) + 64:  # drop the keys of released graphs now and then
+            live = {r.id for r in live_runtimes()}
+            for key in [k for k, v in _active.items() if v not in live]:
+                del _active[key]
 
 
 def lookup(runtime_id: int) -> GraphRuntime:
@@ -137,23 +143,16 @@ def _module_tensors(model) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def _belongs_to(rt: GraphRuntime, tensors: list[torch.Tensor], ptrs: set[int]) -> bool:
-    """The graph was compiled from these weights: the same tensor objects where the backend recorded them (a
-    new model that reuses a deleted one's memory is not the deleted model), else the same addresses."""
-    if not rt.weight_ptrs & ptrs:
-        return False
-    if not rt.weight_refs:
-        return True
-    ids = {id(t) for t in tensors}
-    return any((t := ref()) is not None and id(t) in ids for ref in rt.weight_refs)
+def _belongs_to(rt: GraphRuntime, tensor_ids: set[int]) -> bool:
+    """The graph was compiled from these weight tensors (the same objects, wherever their memory is now)."""
+    return any((t := ref()) is not None and id(t) in tensor_ids for ref in rt.weight_refs)
 
 
 def _runtimes_of(model) -> list[GraphRuntime]:
     runtimes = live_runtimes()
     if model is not None:
-        tensors = _module_tensors(model)
-        ptrs = {t.data_ptr() for t in tensors}
-        runtimes = [rt for rt in runtimes if _belongs_to(rt, tensors, ptrs)]
+        tensor_ids = {id(t) for t in _module_tensors(model)}
+        runtimes = [rt for rt in runtimes if _belongs_to(rt, tensor_ids)]
     return runtimes
 
 

@@ -148,7 +148,7 @@ def test_derived_weight_copies_follow_in_place_updates():
     update of the weight, e.g. load_state_dict or a fused LoRA."""
     from chipmunk_compile.options import ChipmunkOptions
     from chipmunk_compile.runtime import GraphRuntime
-    rt = GraphRuntime(ChipmunkOptions(), num_sites=1, weight_ptrs=frozenset())
+    rt = GraphRuntime(ChipmunkOptions(), num_sites=1)
     w = torch.randn(4, 6)
     first = rt.derived("w", w, lambda t: t.t().contiguous())
     assert rt.derived("w", w, lambda t: t.t().contiguous()) is first
@@ -173,3 +173,44 @@ def test_stats_and_reset_follow_the_weight_tensors_not_just_their_addresses():
         p2.data = p1.data  # same storage, different Parameter objects
     assert chipmunk_compile.stats(m2) == [] and chipmunk_compile.reset(m2) == 0
     assert len(chipmunk_compile.stats(m1)) == 1 and chipmunk_compile.stats(compiled) == chipmunk_compile.stats(m1)
+
+
+@torch.no_grad()
+def test_deleted_model_releases_its_graph_and_caches():
+    """The caches (GBs for a video DiT) live as long as the model, not until torch._dynamo.reset()."""
+    import gc
+    model, make_inputs = tiny_models.plain_dit()
+    before = runtime_ids()
+    compiled = compile_chipmunk(model)
+    for s in range(3):
+        compiled(**make_inputs(step=s))
+    ids = {rt.id for rt in newest_runtimes(before)}
+    assert len(ids) == 1
+    del compiled, model
+    gc.collect()
+    assert not ids & runtime_ids()
+
+
+@torch.no_grad()
+def test_weights_moved_to_new_memory_keep_their_graph_and_caches():
+    """Offloading (model.to('cpu') ... model.to('cuda')) gives the same parameter objects new memory: the model
+    keeps its compiled graph, caches and step count instead of being rebuilt as a new instance with fresh
+    caches (which also used to keep the old caches alive)."""
+    model, make_inputs = tiny_models.plain_dit()
+    seq = [make_inputs(step=s) for s in range(6)]
+    compiled = compile_chipmunk(model)
+    unmoved = [compiled(**inputs) for inputs in seq]
+    assert chipmunk_compile.reset(model) == 1
+    before = runtime_ids()
+    moved = []
+    for s, inputs in enumerate(seq):
+        if s in (2, 4):
+            ptr = next(model.parameters()).data_ptr()
+            model.double().float()  # new storage for every weight, the same Parameter objects, same values
+            assert next(model.parameters()).data_ptr() != ptr
+        moved.append(compiled(**inputs))
+    assert newest_runtimes(before) == []  # no new instance was built
+    plans = chipmunk_compile.stats(model)[0]["plans"]
+    assert any(kind.endswith("sparse") for kind in plans), plans  # sparse steps ran after the moves
+    for s in range(6):
+        assert rel_err(moved[s], unmoved[s]) < 1e-6, s
