@@ -119,11 +119,11 @@ def _mm1_tma_x(X_DESC, WG, BG, IDX, ACACHE, DELTA, stride_wgf, stride_an, stride
 
 
 @triton.jit
-def _mm2_tma_delta(D_DESC, IDX, W2, Y, OUT, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr):
-    # mm2 with the packed delta tiles through TMA and the gathered W2^T rows through cp.async; batch 1, full
-    # blocks, n_sel % BLOCK_K == 0, Dout % BLOCK_D == 0; epilogue in column halves.
-    blk, pid_d = _tile_coords(tl.program_id(0), nb, Dout // BLOCK_D, GROUP_T)
+def _mm2_tma_delta_tile(D_DESC, IDX, W2, Y, OUT, blk, pid_d, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One mm2 tile (token block blk, output columns pid_d): the packed delta tiles through TMA, the gathered W2^T
+    # rows through cp.async; batch 1, full blocks, n_sel % BLOCK_K == 0, Dout % BLOCK_D == 0; epilogue in
+    # column halves.
     rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
@@ -138,6 +138,14 @@ def _mm2_tma_delta(D_DESC, IDX, W2, Y, OUT, stride_w2f, stride_yn, stride_on, Do
                   Dout, False, True)
     _mm2_epilogue(acc1, pid_d * BLOCK_D + BLOCK_D // 2, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1, 0,
                   stride_on, 1, Dout, False, True)
+
+
+@triton.jit
+def _mm2_tma_delta(D_DESC, IDX, W2, Y, OUT, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
+                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr):
+    blk, pid_d = _tile_coords(tl.program_id(0), nb, Dout // BLOCK_D, GROUP_T)
+    _mm2_tma_delta_tile(D_DESC, IDX, W2, Y, OUT, blk, pid_d, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
+                        BLOCK_T, BLOCK_D, BLOCK_K)
 
 
 @triton.jit
@@ -231,25 +239,12 @@ def _mm1_persistent_tma(X_DESC, W_DESC, WG, BG, IDX, ACACHE, DELTA, stride_wgf, 
 def _mm2_persistent_tma(D_DESC, IDX, W2, Y, OUT, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
                         PROGRAMS: tl.constexpr):
-    # mm2, one program per SM looping over (token block, output tile) tiles, packed delta tiles through TMA, the
-    # gathered W2^T rows through cp.async; batch 1, full blocks, n_sel % BLOCK_K == Dout % BLOCK_D == 0.
+    # mm2, one program per SM looping over (token block, output tile) tiles.
     n_d = Dout // BLOCK_D
-    offs_k = tl.arange(0, BLOCK_K)
     for tile in tl.range(tl.program_id(0), nb * n_d, PROGRAMS):
         blk, pid_d = _tile_coords(tile, nb, n_d, GROUP_T)
-        rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        for k0 in range(0, n_sel, BLOCK_K):
-            units = tl.load(IDX + blk * n_sel + k0 + offs_k).to(tl.int64)
-            w = tl.load(W2 + units[:, None] * stride_w2f + offs_o[None, :])
-            acc = tl.dot(D_DESC.load([blk * BLOCK_T, k0]), w, acc)
-        acc0, acc1 = _column_halves(acc, BLOCK_T, BLOCK_D)
-        row_ok = rows < nb * BLOCK_T
-        _mm2_epilogue(acc0, pid_d * BLOCK_D, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1, 0, stride_on, 1,
-                      Dout, False, True)
-        _mm2_epilogue(acc1, pid_d * BLOCK_D + BLOCK_D // 2, BLOCK_D // 2, rows, row_ok, 0, Y, OUT, 0, stride_yn, 1,
-                      0, stride_on, 1, Dout, False, True)
+        _mm2_tma_delta_tile(D_DESC, IDX, W2, Y, OUT, blk, pid_d, stride_w2f, stride_yn, stride_on, Dout, nb, n_sel,
+                            BLOCK_T, BLOCK_D, BLOCK_K)
 
 
 def persistent_tma(N, sp, C=3072, Fh=12288):
