@@ -212,8 +212,11 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         _warn(f"chipmunk: {len(rejected)} site(s) left dense: {rejected[0].reason} (e.g. {rejected[0].module}).")
     if sites and all(s.block is None for s in sites):
         _warn("chipmunk: this graph has attention/MLP computations but no repeated transformer blocks around "
-              "them, so nothing is rewritten. With regional compilation (compile_repeated_blocks) each block "
-              "is compiled alone: compile the whole transformer instead.")
+              "them, so nothing is rewritten. Either each block was compiled alone (regional compilation, "
+              "compile_repeated_blocks: compile the whole transformer instead), or a graph break Dynamo could "
+              "not resume from (e.g. .item()/nonzero in the transformer's forward, or any graph break inside "
+              "a for loop) made it skip the transformer's forward and compile its blocks as separate frames: "
+              "TORCH_LOGS=graph_breaks shows it; remove the break to run the blocks sparse.")
     if options.token_grid is not None and count and all(s.details.get("token_order") != "tiles"
                                                          for s in sites if s.rewritten):
         _warn(f"chipmunk: token_grid={options.token_grid} matches no site's token count in this graph (a "
@@ -303,8 +306,10 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     autocast = _autocast_in_effect(gm)
     if autocast:
         _warn(f"chipmunk: {autocast}; the chipmunk ops compute in the weights' dtype and do not follow autocast, "
-              f"so this graph runs plain {options.inner_backend}. Cast the model instead "
-              "(e.g. model.to(torch.bfloat16)) to run it sparse.")
+              f"so this graph runs plain {options.inner_backend}. "
+              + ("Cast the model instead (e.g. model.to(torch.bfloat16)) to run it sparse." if "called under" in autocast
+                 else "The autocast region is in the model's own code: move it out of the compiled forward (or "
+                      "behind a graph break) to run this graph sparse."))
         return inner_compile(gm, example_inputs, options, torch_mode)
     compiled, rt = _build(gm, example_inputs, options, torch_mode)
     if rt is None:

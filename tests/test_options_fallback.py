@@ -173,7 +173,7 @@ def test_autocast_runs_plain_with_a_clear_warning():
     inputs = make_inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(**inputs)
-        with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="autocast"):
+        with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="autocast.*Cast the model"):
             got = compile_chipmunk(model)(**inputs)
     assert got.dtype == want.dtype and rel_err(got, want) < 1e-2
 
@@ -193,9 +193,38 @@ def test_autocast_inside_the_model_runs_plain(monkeypatch):
     inputs = make_inputs()
     with torch.no_grad():
         want = wrapped(**inputs)
-        with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="autocast"):
+        with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="autocast") as record:
             got = compile_chipmunk(wrapped)(**inputs)
     assert rel_err(got, want) < 1e-2
+    text = " ".join(str(w.message) for w in record)
+    assert "model's own code" in text and "Cast the model" not in text  # casting cannot help here
+
+
+@torch.no_grad()
+def test_graph_break_that_skips_the_forward_is_named_in_the_warning():
+    """A data-dependent .item() inside a loop of the transformer's forward (as some video DiTs do with their text
+    masks) makes Dynamo skip that frame and compile each block alone: nothing is rewritten, outputs stay exact,
+    and the warning names the graph break instead of blaming regional compilation only."""
+    class BreakInForward(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t, mask):
+            for i in range(x.shape[0]):  # a graph break inside a for loop: Dynamo cannot resume in this frame
+                n = int(mask[i].sum().item())
+            c = self.inner.t_embed(t[:, None])
+            h = self.inner.embed(x[:, :n])
+            for block in self.inner.blocks:
+                h = block(h, c)
+            return self.inner.out(h)
+
+    model, make_inputs = tiny_models.plain_dit()
+    wrapped = BreakInForward(model).eval()
+    inputs = dict(make_inputs(), mask=torch.ones(1, 64))
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="graph break"):
+        got = compile_chipmunk(wrapped)(**inputs)
+    assert rel_err(got, wrapped(**inputs)) < 1e-6
 
 
 def test_python_float_argument_recompiling_every_call_is_reported_once():
