@@ -27,7 +27,7 @@ from chipmunk_compile.passes.detect_attention import find_attention_sites
 from chipmunk_compile.passes.detect_mlp import find_mlp_sites, site_nodes as mlp_site_nodes
 from chipmunk_compile.passes.rewrite_attention import rewrite_attention
 from chipmunk_compile.passes.rewrite_mlp import rewrite_mlp
-from chipmunk_compile.passes.sites import Site, assign_layers
+from chipmunk_compile.passes.sites import Site, assign_layers, repeated_containers
 from chipmunk_compile.passes.state_buffers import state_bytes
 
 log = logging.getLogger("chipmunk_compile")
@@ -227,6 +227,16 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
               f"{options.first_dense_layers} blocks (first_dense_layers={options.first_dense_layers}). Layers are "
               "counted per compiled graph, so a graph break inside the transformer restarts the count: remove the "
               "break (TORCH_LOGS=graph_breaks shows it) or lower first_dense_layers.")
+    explained = rejected or (sites and all(s.block is None for s in sites)) or (
+        in_blocks and all(s.reason.startswith("layer ") for s in in_blocks))
+    blocks = repeated_containers(rewritten.graph)
+    if count == 0 and blocks and not explained:
+        # e.g. linear attention and convolutional feed-forwards (Sana), or cross-attention only: the model
+        # compiles and runs, just without any speedup; say so once instead of leaving it to explain().
+        found = "; ".join(sorted({f"{s.kind}: {s.reason}" for s in sites})) or "no softmax attention or MLP found"
+        _warn(f"chipmunk: this graph has repeated blocks ({', '.join(sorted(blocks))}) but none of their "
+              f"computations can be rewritten ({found}), so it runs plain {options.inner_backend} with no "
+              "speedup; chipmunk_compile.explain shows each site.")
     log.info("chipmunk: %d of %d sites rewritten (%d attention, %d mlp), %.1f MiB of cache state", count,
              len(sites), sum(s.rewritten and s.kind == "attention" for s in sites),
              sum(s.rewritten and s.kind == "mlp" for s in sites), rt.state_bytes / 2**20)

@@ -285,3 +285,36 @@ def test_option_values_from_numpy_and_malformed_step_lists():
             ChipmunkOptions.from_dict({"attn_dense_steps": bad})
     with pytest.raises(ValueError, match="options must be a dict"):
         ChipmunkOptions.from_dict("mode=dense")
+
+
+@torch.no_grad()
+def test_repeated_blocks_without_any_site_say_so_once():
+    """Blocks with nothing the backend can rewrite (here linear attention, as Sana uses: no softmax) compile
+    and run plain, with one warning that there is no speedup, instead of silence."""
+    class LinearAttentionBlock(torch.nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            q, k, v = torch.relu(self.qkv(x)).chunk(3, dim=-1)
+            kv = k.transpose(1, 2) @ v
+            return x + self.out((q @ kv) / (q @ k.sum(1, keepdim=True).transpose(1, 2) + 1e-6))
+
+    class LinearAttentionDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(LinearAttentionBlock() for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = LinearAttentionDiT().eval()
+    x = torch.randn(1, 64, 32)
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="repeated blocks.*no softmax attention") as rec:
+        got = compile_chipmunk(model)(x)
+    assert sum("repeated blocks" in str(w.message) for w in rec) == 1
+    assert rel_err(got, model(x)) < 1e-6
