@@ -9,10 +9,13 @@ keys and labels: their spelling differs across torch versions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
 import torch.fx as fx
+
+from chipmunk_compile.passes.graph_utils import fake
 
 _PATH_PIECES = [
     (re.compile(r"^L\['self'\]\.?"), ""),
@@ -125,6 +128,38 @@ def _list_elements(path: str, repeated: frozenset[str]) -> list[str]:
     return [p for p in prefixes if p.rpartition(".")[0] in repeated]
 
 
+def _token_rows(site: Site) -> int:
+    """How many token rows a site processes (batch x tokens; 0 when the shapes are unknown or symbolic)."""
+    node = site.nodes.get("q") if site.kind == "attention" else site.nodes.get("hidden", {}).get("x")
+    shape = getattr(fake(node), "shape", None)
+    if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
+        return 0
+    rows = math.prod(shape[:-1])
+    return rows // shape[1] if site.kind == "attention" and len(shape) == 4 else rows  # [B, H, N, D]
+
+
+def _most_rows(sites: list[Site]) -> int:
+    return max((_token_rows(site) for site in sites), default=0)
+
+
+def _auxiliary_lists(sites: list[Site], layer_lists: set[str], repeated: frozenset[str]) -> dict[str, int]:
+    """Block lists inside a submodule that run on a small side sequence, e.g. a text refiner (HunyuanVideo's
+    ``context_embedder.token_refiner.refiner_blocks``): nested deeper than the list with the graph's largest site
+    and at most half its token rows. They are conditioning stacks, not transformer layers: counting them would
+    spend ``first_dense_layers`` on them and leave the transformer's first blocks sparse. (Lists at the
+    transformer's own level stay layers whatever their size: the stages of a hierarchical model.)
+    {list pattern: its largest site's token rows}."""
+    rows: dict[str, int] = {}
+    for site in sites:
+        for element in _list_elements(site.module, repeated):
+            if _pattern(element) in layer_lists:
+                rows[_pattern(element)] = max(rows.get(_pattern(element), 0), _token_rows(site))
+    if not rows:
+        return {}
+    main = max(rows, key=lambda p: (rows[p], -p.count(".")))
+    return {p: r for p, r in rows.items() if 0 < 2 * r <= rows[main] and p.count(".") > main.count(".")}
+
+
 def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
     """Numbers the transformer blocks of the graph in execution order and sets each site's block and layer.
 
@@ -140,16 +175,29 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
             kinds_in.setdefault(_pattern(element), set()).add(site.kind)
     all_kinds = {site.kind for site in sites}
     layer_lists = {p for p, kinds in kinds_in.items() if kinds >= all_kinds} or set(kinds_in)
+    auxiliary = _auxiliary_lists(sites, layer_lists, repeated)
+    layer_lists -= set(auxiliary)
 
     def layer_block(path: str) -> str | None:
         elements = [e for e in _list_elements(path, repeated) if _pattern(e) in layer_lists]
         return elements[-1] if elements else None
 
+    def in_auxiliary(path: str) -> str | None:
+        return next((_pattern(e) for e in _list_elements(path, repeated) if _pattern(e) in auxiliary), None)
+
     for site in sites:
         site.block = layer_block(site.module) or site.block
+        aux = in_auxiliary(site.module)
+        if aux is not None and layer_block(site.module) is None:
+            site.block = None
+            site.reason = (f"outside the transformer blocks: {aux} runs at most {auxiliary[aux]} token rows where "
+                           f"the transformer's blocks run {_most_rows(sites)} (a text "
+                           "refiner or other conditioning stack, not a layer)")
     seen: dict[str, None] = {}
     for node in graph.nodes:
         stack = module_stack(node)
+        if stack and in_auxiliary(stack[-1][0]) is not None and layer_block(stack[-1][0]) is None:
+            continue
         block = (layer_block(stack[-1][0]) if stack else None) or block_of(node)
         if block is not None:
             seen.setdefault(block)

@@ -162,6 +162,26 @@ def test_flux_layers_with_one_single_block():
     assert layers == {"transformer_blocks.0": 0, "transformer_blocks.1": 1, "single_transformer_blocks.0": 2}
 
 
+def test_text_refiner_blocks_are_not_layers():
+    """HunyuanVideo's text refiner (two blocks inside context_embedder, text tokens only) is a conditioning
+    stack: counted as layers 0-1 it took first_dense_layers=2 and left the transformer's first blocks sparse."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=2, num_single_layers=1, num_refiner_layers=2, patch_size=2,
+                                           patch_size_t=1, text_embed_dim=32, pooled_projection_dim=32,
+                                           guidance_embeds=True, rope_axes_dim=(4, 6, 6)).eval()
+    _, make_inputs = tiny_models.hunyuan_video()
+    report = chipmunk_compile.explain(model, options={"first_dense_layers": 2}, **make_inputs())
+    refiner = [s for s in report.sites if ".refiner_blocks." in s.module]
+    assert len(refiner) == 4 and all(s.layer is None and not s.rewritten for s in refiner)
+    assert all("text refiner" in s.reason for s in refiner)
+    layers = {s.module.split(".attn")[0]: (s.layer, s.rewritten) for s in report.sites
+              if s.kind == "attention" and s not in refiner}
+    assert layers == {"transformer_blocks.0": (0, False), "transformer_blocks.1": (1, False),
+                      "single_transformer_blocks.0": (2, True)}
+
+
 def test_three_layer_mlp_is_one_site_not_two_overlapping():
     class DeepMLP(nn.Module):
         def __init__(self):
