@@ -263,9 +263,20 @@ def _autocast_in_effect(gm: fx.GraphModule) -> str | None:
         except (RuntimeError, TypeError, ValueError):  # a device type this torch build does not know
             continue
     for node in gm.graph.nodes:
-        if node.op == "call_function" and "autocast" in getattr(node.target, "__name__", ""):
-            return "the model enters torch.autocast in its forward"
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if "autocast" not in name or name == "_exit_autocast" or _autocast_disabled(node):
+            continue  # leaving a region, or a region that turns autocast off (float32 RoPE / timestep maths)
+        return "the model enters torch.autocast in its forward"
     return None
+
+
+def _autocast_disabled(node: fx.Node) -> bool:
+    """An ``_enter_autocast(device_type, dtype, enabled, cache_enabled)`` node with enabled=False: it changes no
+    arithmetic here, since the model is not called under autocast (checked before)."""
+    if getattr(node.target, "__name__", "") != "_enter_autocast":
+        return False
+    enabled = node.args[2] if len(node.args) > 2 else node.kwargs.get("enabled", True)
+    return enabled is False
 
 
 def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:

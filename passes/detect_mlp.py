@@ -24,16 +24,43 @@ from chipmunk_compile.passes.detect_attention import SUPPORTED_DEVICES, SUPPORTE
 from chipmunk_compile.passes.sites import Site, block_of, innermost_module
 
 
-def _activation(node) -> tuple[str, fx.Node] | None:
-    """(activation name, its input) for gelu / gelu-tanh / silu / relu nodes."""
+def _is_dtype_cast(node) -> bool:
+    """x.float(), x.to(dtype) or x.to(dtype=...): a change of dtype only (no device move, no copy flags)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method"):
+        return False
+    if node.target == "float":
+        return len(node.args) == 1 and not node.kwargs
+    if node.target == "to":
+        rest = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k == "dtype"]
+        return len(rest) == 1 and set(node.kwargs) <= {"dtype"} and isinstance(rest[0], torch.dtype)
+    return False
+
+
+def _peel_casts(node) -> tuple[fx.Node, list[fx.Node]]:
+    """(the node under any dtype casts, the casts)."""
+    casts = []
+    while _is_dtype_cast(node):
+        casts.append(node)
+        node = node.args[0]
+    return node, casts
+
+
+def _activation(node) -> tuple[str, fx.Node, list[fx.Node]] | None:
+    """(activation name, its input, the dtype casts around it) for gelu / gelu-tanh / silu / relu nodes. An
+    activation computed in float32 between 16-bit linears (``silu(h.float()).to(h.dtype)``, Lumina2's FP32SiLU)
+    is what the chipmunk op's float32 epilogue computes, so the casts are part of the pattern."""
+    node, casts = _peel_casts(node)
     if is_call(node, GELU_TARGETS, ("gelu",)):
         bound = bind(node, ["input", "approximate"], {"approximate": "none"})
-        return ("gelu_tanh" if bound["approximate"] == "tanh" else "gelu"), bound["input"]
-    if is_call(node, SILU_TARGETS, ("silu",)):
-        return "silu", node.args[0]
-    if is_call(node, RELU_TARGETS, ("relu",)):
-        return "relu", node.args[0]
-    return None
+        name, pre = ("gelu_tanh" if bound["approximate"] == "tanh" else "gelu"), bound["input"]
+    elif is_call(node, SILU_TARGETS, ("silu",)):
+        name, pre = "silu", node.args[0]
+    elif is_call(node, RELU_TARGETS, ("relu",)):
+        name, pre = "relu", node.args[0]
+    else:
+        return None
+    pre, inner = _peel_casts(pre)
+    return name, pre, [*casts, node, *inner]
 
 
 def _linear_parts(node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
@@ -76,13 +103,13 @@ def _hidden(node) -> dict | None:
     """Matches the activated hidden units feeding the second linear."""
     act = _activation(node)
     if act is not None:
-        name, pre = act
+        name, pre, act_nodes = act
         parts = _linear_parts(pre)
         if parts is None:
             return None
         return {"variant": "plain", "activation": name, "x": parts[0],
                 "gate": {"weight": parts[1], "bias": parts[2], "half": None, "linear": pre}, "up": None,
-                "internal": [pre, node]}
+                "internal": [pre, *act_nodes]}
     if is_call(node, {operator.mul, torch.mul}, ("mul",)) and len(node.args) == 2:
         for act_side, up_side in ((0, 1), (1, 0)):
             act = _activation(node.args[act_side])
@@ -95,7 +122,7 @@ def _hidden(node) -> dict | None:
                 continue
             if gate["half"] is not None and (gate["linear"] is not up["linear"] or gate["half"] == up["half"]):
                 continue
-            internal = [node.args[act_side], act[1], node.args[up_side], gate["linear"], up["linear"]]
+            internal = [*act[2], act[1], node.args[up_side], gate["linear"], up["linear"]]
             return {"variant": "gated", "activation": act[0], "x": gate["x"], "gate": gate, "up": up,
                     "internal": internal}
     return None
@@ -115,6 +142,10 @@ def _intermediates_private(hidden: dict, out: fx.Node) -> bool:
     return True
 
 
+# A 2-D MLP input with fewer rows than this is a batch of conditioning vectors, not flattened tokens.
+_MIN_FLAT_TOKENS = 64
+
+
 def _site_reason(x, w_out) -> str:
     fx_ = fake(x)
     if fx_ is None:
@@ -125,8 +156,11 @@ def _site_reason(x, w_out) -> str:
         return f"unsupported device {fx_.device}"
     if any(isinstance(s, torch.SymInt) for s in fx_.shape):
         return "symbolic (dynamic) shapes; compile with dynamic=False"
-    if fx_.dim() < 2:
-        return "input must have a token axis"
+    if fx_.dim() < 2 or (fx_.dim() == 2 and fx_.shape[0] < _MIN_FLAT_TOKENS):
+        # [batch, features]: a conditioning vector (e.g. the timestep embedder DiT's AdaLayerNormZero holds in
+        # every block), not a token sequence; it changes completely at every step, so cached units go stale.
+        # (Tokens flattened to [batch * tokens, features] stay sites.)
+        return f"no token axis (input of shape {tuple(fx_.shape)}, e.g. a timestep embedding)"
     return ""
 
 

@@ -185,6 +185,7 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
     def in_auxiliary(path: str) -> str | None:
         return next((_pattern(e) for e in _list_elements(path, repeated) if _pattern(e) in auxiliary), None)
 
+    mlp_only = {p for p, kinds in kinds_in.items() if kinds == {"mlp"} and p not in layer_lists}
     for site in sites:
         site.block = layer_block(site.module) or site.block
         aux = in_auxiliary(site.module)
@@ -193,12 +194,25 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
             site.reason = (f"outside the transformer blocks: {aux} runs at most {auxiliary[aux]} token rows where "
                            f"the transformer's blocks run {_most_rows(sites)} (a text "
                            "refiner or other conditioning stack, not a layer)")
+        elif layer_block(site.module) is None and "attention" in all_kinds and any(
+                _pattern(e) in mlp_only for e in _list_elements(site.module, repeated)):
+            # A stack of MLPs beside attention blocks is a conditioning network (Chroma's approximator turning
+            # the timestep into modulation vectors), not transformer layers.
+            site.block = None
+            site.reason = site.reason or ("outside the transformer blocks (a list of MLPs without attention: an "
+                                          "embedder or modulation network, not a layer)")
+    # Only blocks that are layers (or hold a site) are counted: another indexed module, such as the first
+    # element of an nn.Sequential embedder holding a custom norm (Z-Image's cap_embedder.0), is not a layer.
+    site_blocks = {site.block for site in sites if site.block is not None}
     seen: dict[str, None] = {}
     for node in graph.nodes:
         stack = module_stack(node)
         if stack and in_auxiliary(stack[-1][0]) is not None and layer_block(stack[-1][0]) is None:
             continue
-        block = (layer_block(stack[-1][0]) if stack else None) or block_of(node)
+        block = layer_block(stack[-1][0]) if stack else None
+        if block is None:
+            fallback = block_of(node)
+            block = fallback if fallback in site_blocks else None
         if block is not None:
             seen.setdefault(block)
     # A module around other blocks (the one element of a wrapper list holding the transformer, whose embedding

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import chipmunk_compile
 import tiny_models
+from helpers import compile_chipmunk, rel_err
 
 # (attention sites rewritten, attention sites left dense, mlp sites rewritten) per tiny config
 EXPECTED = {
@@ -241,3 +242,168 @@ def test_mixture_of_experts_blocks_are_the_layers_not_the_experts():
         assert layer == int(module.split(".")[1]), (kind, module, layer)  # blocks.<layer>...
     assert sum(kind == "mlp" for kind, _ in layers) == 9
     assert [s.rewritten for s in report.sites if s.kind == "attention"] == [False, False, True]
+
+
+# Layouts from a probe of diffusers' image DiTs (Chroma, Z-Image, DiT), in plain PyTorch.
+class _SiluMLP(nn.Module):
+    def __init__(self, d_in, d_hidden, d_out):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class _CustomNorm(nn.Module):  # a norm that is not a torch.nn class (as diffusers' RMSNorm)
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class _Block(nn.Module):
+    def __init__(self, d=32, heads=2, timestep_mlp=False):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ff, self.n1, self.n2 = _SiluMLP(d, 64, d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.temb = _SiluMLP(16, d, d) if timestep_mlp else None  # DiT: a timestep embedder in every block
+
+    def forward(self, x, t_freq=None):
+        if self.temb is not None:
+            x = x + self.temb(t_freq)[:, None]  # t_freq: [B, 16], no token axis
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.n1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        return x + self.ff(self.n2(x))
+
+
+def _sinusoid(t, dim=16):
+    freqs = torch.exp(-torch.arange(dim // 2) / (dim // 2) * 9.21)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def _attention_layers(report):
+    return [(s.layer, s.rewritten) for s in report.sites if s.kind == "attention"]
+
+
+def test_a_list_of_mlps_beside_attention_blocks_is_not_layers():
+    """Chroma's approximator (a list of MLPs turning the timestep into modulation vectors) took layers 0-1."""
+    class Approximator(nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.in_proj = nn.Linear(16, d)
+            self.layers = nn.ModuleList(_SiluMLP(d, d, d) for _ in range(2))
+
+        def forward(self, x):
+            x = self.in_proj(x)
+            for layer in self.layers:
+                x = x + layer(x)
+            return x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.approx = Approximator()
+            self.inp, self.blocks = nn.Linear(4, 32), nn.ModuleList(_Block() for _ in range(3))
+
+        def forward(self, x, t):
+            h = self.inp(x) + self.approx(_sinusoid(t)[:, None].expand(-1, 20, -1)).mean(1, keepdim=True)
+            for block in self.blocks:
+                h = block(h)
+            return h
+
+    torch.manual_seed(0)
+    report = chipmunk_compile.explain(Model().eval(), torch.randn(1, 64, 4), torch.tensor([500.0]))
+    approx = [s for s in report.sites if s.module.startswith("approx")]
+    assert approx and not any(s.rewritten or s.layer is not None for s in approx)
+    assert _attention_layers(report) == [(0, False), (1, False), (2, True)]
+
+
+def test_an_indexed_module_outside_the_block_lists_is_not_a_layer():
+    """Z-Image's cap_embedder = Sequential(RMSNorm, Linear): its custom norm was counted as layer 0."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cap_embedder = nn.Sequential(_CustomNorm(8), nn.Linear(8, 32))
+            self.inp, self.blocks = nn.Linear(4, 32), nn.ModuleList(_Block() for _ in range(3))
+
+        def forward(self, x, cap):
+            h = torch.cat([self.cap_embedder(cap), self.inp(x)], dim=1)
+            for block in self.blocks:
+                h = block(h)
+            return h
+
+    torch.manual_seed(0)
+    report = chipmunk_compile.explain(Model().eval(), torch.randn(1, 64, 4), torch.randn(1, 8, 8))
+    assert _attention_layers(report) == [(0, False), (1, False), (2, True)]
+
+
+def test_a_timestep_embedder_inside_each_block_is_not_an_mlp_site():
+    """DiT's AdaLayerNormZero embeds the timestep in every block: a [B, C] vector that changes completely each
+    step, so caching its hidden units would condition whole blocks on stale values."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.blocks = nn.Linear(4, 32), nn.ModuleList(_Block(timestep_mlp=True) for _ in range(2))
+
+        def forward(self, x, t):
+            h, t_freq = self.inp(x), _sinusoid(t)
+            for block in self.blocks:
+                h = block(h, t_freq)
+            return h
+
+    torch.manual_seed(0)
+    report = chipmunk_compile.explain(Model().eval(), torch.randn(1, 64, 4), torch.tensor([500.0]),
+                                      options={"first_dense_layers": 0})
+    temb = [s for s in report.sites if ".temb" in s.module]
+    assert temb and not any(s.rewritten for s in temb) and all("no token axis" in s.reason for s in temb)
+    assert [s.rewritten for s in report.sites if s.module.endswith("ff.linear_2")] == [True, True]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_activation_computed_in_float32_between_16_bit_linears_is_an_mlp_site(dtype):
+    """Lumina2's FP32SiLU: silu(h.float()).to(h.dtype) inside a SwiGLU feed-forward. The casts are what the
+    chipmunk op's float32 epilogue does, so the feed-forward is a site; all units kept reproduces the model."""
+    class FP32SiLU(nn.Module):
+        def forward(self, h):
+            return F.silu(h.float()).to(h.dtype)
+
+    class SwiGLU(nn.Module):
+        def __init__(self, d=32, hidden=64):
+            super().__init__()
+            self.linear_1, self.linear_2, self.linear_3 = nn.Linear(d, hidden), nn.Linear(hidden, d), nn.Linear(d, hidden)
+            self.act = FP32SiLU()
+
+        def forward(self, x):
+            return self.linear_2(self.act(self.linear_1(x)) * self.linear_3(x))
+
+    class Block(_Block):
+        def __init__(self):
+            super().__init__()
+            self.ff = SwiGLU()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Model().eval().to(dtype)
+    x = torch.randn(1, 64, 32, dtype=dtype)
+    report = chipmunk_compile.explain(model, x, options={"first_dense_layers": 0})
+    mlp = [s for s in report.sites if s.kind == "mlp"]
+    assert len(mlp) == 2 and all(s.rewritten and s.variant == "gated" for s in mlp), mlp
+    compiled = compile_chipmunk(model, attn_sparsity=0.0, mlp_sparsity=0.0, attn_random_fraction=0.0,
+                                mlp_random_fraction=0.0, num_steps=3)
+    for step in range(3):
+        got = compiled(x + 0.05 * step)
+        assert rel_err(got, model(x + 0.05 * step)) < (1e-5 if dtype == torch.float32 else 2e-2), step

@@ -318,3 +318,27 @@ def test_repeated_blocks_without_any_site_say_so_once():
         got = compile_chipmunk(model)(x)
     assert sum("repeated blocks" in str(w.message) for w in rec) == 1
     assert rel_err(got, model(x)) < 1e-6
+
+
+@torch.no_grad()
+def test_a_region_that_turns_autocast_off_does_not_force_plain():
+    """torch.autocast(..., enabled=False) around float32 RoPE / timestep maths (Z-Image, OmniGen, ...) changes
+    nothing when the model is not under autocast: the graph runs sparse, with no warning."""
+    class AutocastOffInside(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t):
+            with torch.autocast(x.device.type, enabled=False):
+                t = t.float() * 1.0
+            return self.inner(x, t)
+
+    model, make_inputs = tiny_models.plain_dit()
+    wrapped = AutocastOffInside(model).eval()
+    compiled = compile_chipmunk(wrapped, num_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", chipmunk_compile.ChipmunkFallbackWarning)
+        for s in range(4):
+            compiled(**make_inputs(step=s))
+    assert chipmunk_compile.stats(wrapped)[0]["sites_rewritten"] > 0
