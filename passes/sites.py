@@ -143,21 +143,27 @@ def _most_rows(sites: list[Site]) -> int:
 
 
 def _auxiliary_lists(sites: list[Site], layer_lists: set[str], repeated: frozenset[str]) -> dict[str, int]:
-    """Block lists inside a submodule that run on a small side sequence, e.g. a text refiner (HunyuanVideo's
-    ``context_embedder.token_refiner.refiner_blocks``): nested deeper than the list with the graph's largest site
-    and at most half its token rows. They are conditioning stacks, not transformer layers: counting them would
-    spend ``first_dense_layers`` on them and leave the transformer's first blocks sparse. (Lists at the
-    transformer's own level stay layers whatever their size: the stages of a hierarchical model.)
+    """Block lists that prepare a small side sequence before the transformer's blocks run, e.g. a text refiner
+    (HunyuanVideo's ``context_embedder.token_refiner.refiner_blocks``, Lumina2's ``context_refiner``) or text-only
+    blocks (Kandinsky 5): at most half the token rows of the list with the graph's largest site, and every site
+    before that list's first. They are conditioning stacks, not transformer layers: counting them would spend
+    ``first_dense_layers`` on them and leave the transformer's first blocks sparse. (A smaller stage that runs
+    between larger ones, as in an hourglass model, stays a layer.) ``sites`` are in graph order.
     {list pattern: its largest site's token rows}."""
     rows: dict[str, int] = {}
-    for site in sites:
+    last: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for index, site in enumerate(sites):
         for element in _list_elements(site.module, repeated):
-            if _pattern(element) in layer_lists:
-                rows[_pattern(element)] = max(rows.get(_pattern(element), 0), _token_rows(site))
+            pattern = _pattern(element)
+            if pattern in layer_lists:
+                rows[pattern] = max(rows.get(pattern, 0), _token_rows(site))
+                first.setdefault(pattern, index)
+                last[pattern] = index
     if not rows:
         return {}
-    main = max(rows, key=lambda p: (rows[p], -p.count(".")))
-    return {p: r for p, r in rows.items() if 0 < 2 * r <= rows[main] and p.count(".") > main.count(".")}
+    main = max(rows, key=lambda p: (rows[p], -first[p]))
+    return {p: r for p, r in rows.items() if 0 < 2 * r <= rows[main] and last[p] < first[main]}
 
 
 def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:

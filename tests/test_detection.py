@@ -164,8 +164,9 @@ def test_flux_layers_with_one_single_block():
 
 
 def test_text_refiner_blocks_are_not_layers():
-    """HunyuanVideo's text refiner (two blocks inside context_embedder, text tokens only) is a conditioning
-    stack: counted as layers 0-1 it took first_dense_layers=2 and left the transformer's first blocks sparse."""
+    """HunyuanVideo's text refiner (two blocks inside context_embedder, text tokens only, before the transformer)
+    is a conditioning stack: counted as layers 0-1 it took first_dense_layers=2 and left the transformer's first
+    blocks sparse."""
     from diffusers import HunyuanVideoTransformer3DModel
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
@@ -407,3 +408,49 @@ def test_an_activation_computed_in_float32_between_16_bit_linears_is_an_mlp_site
     for step in range(3):
         got = compiled(x + 0.05 * step)
         assert rel_err(got, model(x + 0.05 * step)) < (1e-5 if dtype == torch.float32 else 2e-2), step
+
+
+def test_text_only_blocks_before_the_transformer_are_not_layers_but_a_smaller_middle_stage_is():
+    """Text-only blocks at the top level (Kandinsky 5, Lumina2's context refiner) run before the transformer
+    on a few tokens: conditioning, not layers. A low-resolution stage between two full-resolution ones (an
+    hourglass model) runs on fewer tokens too, but between them: it stays a layer."""
+    class TextThenImage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_blocks = nn.ModuleList(_Block() for _ in range(2))
+            self.blocks = nn.ModuleList(_Block() for _ in range(3))
+
+        def forward(self, x, text):
+            for block in self.text_blocks:
+                text = block(text)
+            h = torch.cat([text, x], dim=1)
+            for block in self.blocks:
+                h = block(h)
+            return h
+
+    class Hourglass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.ModuleList(_Block() for _ in range(2))
+            self.mid = nn.ModuleList(_Block() for _ in range(2))
+            self.up = nn.ModuleList(_Block() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.down:
+                x = block(x)
+            h = x.reshape(1, 16, 4, 32).mean(2)  # 64 -> 16 tokens
+            for block in self.mid:
+                h = block(h)
+            x = x + h.repeat_interleave(4, dim=1)
+            for block in self.up:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    report = chipmunk_compile.explain(TextThenImage().eval(), torch.randn(1, 64, 32), torch.randn(1, 8, 32),
+                                      options={"first_dense_layers": 0})
+    text = [s for s in report.sites if s.module.startswith("text_blocks")]
+    assert len(text) == 4 and all(s.layer is None and not s.rewritten for s in text)
+    assert _attention_layers(report) == [(None, False)] * 2 + [(0, True), (1, True), (2, True)]
+    report = chipmunk_compile.explain(Hourglass().eval(), torch.randn(1, 64, 32), options={"first_dense_layers": 0})
+    assert _attention_layers(report) == [(layer, True) for layer in range(6)]
