@@ -88,17 +88,24 @@ def _mm1_persistent(X, WG, BG, IDX, ACACHE, DELTA, stride_xn, stride_wgf, stride
 
 
 @triton.jit
+def _mm1_gathered_tile(IDX, WG, blk, pid_f, stride_wgf, n_sel, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """An mm1 tile's rows within the token block, global rows, and pointers to its gathered W1 rows' first
+    K step (batch 1, full blocks)."""
+    local = tl.arange(0, BLOCK_T)
+    units = tl.load(IDX + blk * n_sel + pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
+    w_ptrs = WG + units[None, :] * stride_wgf + tl.arange(0, BLOCK_C)[:, None]
+    return local, blk * BLOCK_T + local, w_ptrs
+
+
+@triton.jit
 def _mm1_tma_x(X_DESC, WG, BG, IDX, ACACHE, DELTA, stride_wgf, stride_an, stride_af, N, C, nb, n_sel,
                ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
                GROUP_T: tl.constexpr, EPI_SPLIT: tl.constexpr):
     # mm1 with x tiles through TMA (descriptor) and the gathered W1 rows through cp.async; batch 1, full token
     # blocks of BLOCK_T, n_sel % BLOCK_F == 0, C % BLOCK_C == 0 (the benchmark shapes).
     blk, pid_f = _tile_coords(tl.program_id(0), nb, n_sel // BLOCK_F, GROUP_T)
-    local = tl.arange(0, BLOCK_T)
-    rows = blk * BLOCK_T + local
-    units = tl.load(IDX + blk * n_sel + pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_C)
-    w_ptrs = WG + units[None, :] * stride_wgf + offs_c[:, None]
+    local, rows, w_ptrs = _mm1_gathered_tile(IDX, WG, blk, pid_f, stride_wgf, n_sel, BLOCK_T, BLOCK_F, BLOCK_C)
     acc = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         acc = tl.dot(X_DESC.load([blk * BLOCK_T, c0]), tl.load(w_ptrs), acc)
@@ -218,11 +225,7 @@ def _mm1_persistent_tma(X_DESC, W_DESC, WG, BG, IDX, ACACHE, DELTA, stride_wgf, 
     n_f = n_sel // BLOCK_F
     for tile in tl.range(tl.program_id(0), nb * n_f, PROGRAMS):
         blk, pid_f = _tile_coords(tile, nb, n_f, GROUP_T)
-        local = tl.arange(0, BLOCK_T)
-        rows = blk * BLOCK_T + local
-        units = tl.load(IDX + blk * n_sel + pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
-        offs_c = tl.arange(0, BLOCK_C)
-        w_ptrs = WG + units[None, :] * stride_wgf + offs_c[:, None]
+        local, rows, w_ptrs = _mm1_gathered_tile(IDX, WG, blk, pid_f, stride_wgf, n_sel, BLOCK_T, BLOCK_F, BLOCK_C)
         acc = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             if GATHER:
