@@ -142,6 +142,17 @@ def _most_rows(sites: list[Site]) -> int:
     return max((_token_rows(site) for site in sites), default=0)
 
 
+def _site_group(site: Site, layer_lists: set[str], repeated: frozenset[str]) -> str | None:
+    """The block list a site's block belongs to: the innermost layer list on its path, or else the list its
+    detection block is an element of (a one-block list, e.g. a text refiner with a single block)."""
+    elements = [e for e in _list_elements(site.module, repeated) if _pattern(e) in layer_lists]
+    if elements:
+        return _pattern(elements[-1])
+    if site.block is not None and site.block.rpartition(".")[2].isdigit():
+        return _pattern(site.block)
+    return None
+
+
 def _auxiliary_lists(sites: list[Site], layer_lists: set[str], repeated: frozenset[str]) -> dict[str, int]:
     """Block lists that prepare a small side sequence before the transformer's blocks run, e.g. a text refiner
     (HunyuanVideo's ``context_embedder.token_refiner.refiner_blocks``, Lumina2's ``context_refiner``) or text-only
@@ -154,12 +165,11 @@ def _auxiliary_lists(sites: list[Site], layer_lists: set[str], repeated: frozens
     last: dict[str, int] = {}
     first: dict[str, int] = {}
     for index, site in enumerate(sites):
-        for element in _list_elements(site.module, repeated):
-            pattern = _pattern(element)
-            if pattern in layer_lists:
-                rows[pattern] = max(rows.get(pattern, 0), _token_rows(site))
-                first.setdefault(pattern, index)
-                last[pattern] = index
+        pattern = _site_group(site, layer_lists, repeated)
+        if pattern is not None:
+            rows[pattern] = max(rows.get(pattern, 0), _token_rows(site))
+            first.setdefault(pattern, index)
+            last[pattern] = index
     if not rows:
         return {}
     main = max(rows, key=lambda p: (rows[p], -first[p]))
@@ -182,6 +192,7 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
     all_kinds = {site.kind for site in sites}
     layer_lists = {p for p, kinds in kinds_in.items() if kinds >= all_kinds} or set(kinds_in)
     auxiliary = _auxiliary_lists(sites, layer_lists, repeated)
+    groups = {id(site): _site_group(site, layer_lists, repeated) for site in sites}
     layer_lists -= set(auxiliary)
 
     def layer_block(path: str) -> str | None:
@@ -194,12 +205,12 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
     mlp_only = {p for p, kinds in kinds_in.items() if kinds == {"mlp"} and p not in layer_lists}
     for site in sites:
         site.block = layer_block(site.module) or site.block
-        aux = in_auxiliary(site.module)
+        aux = groups[id(site)] if groups[id(site)] in auxiliary else None
         if aux is not None and layer_block(site.module) is None:
             site.block = None
-            site.reason = (f"outside the transformer blocks: {aux} runs at most {auxiliary[aux]} token rows where "
-                           f"the transformer's blocks run {_most_rows(sites)} (a text "
-                           "refiner or other conditioning stack, not a layer)")
+            site.reason = site.reason or (f"outside the transformer blocks: {aux} runs at most {auxiliary[aux]} "
+                                          f"token rows where the transformer's blocks run {_most_rows(sites)} (a "
+                                          "text refiner or other conditioning stack, not a layer)")
         elif layer_block(site.module) is None and "attention" in all_kinds and any(
                 _pattern(e) in mlp_only for e in _list_elements(site.module, repeated)):
             # A stack of MLPs beside attention blocks is a conditioning network (Chroma's approximator turning

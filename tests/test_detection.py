@@ -8,16 +8,18 @@ import chipmunk_compile
 import tiny_models
 from helpers import compile_chipmunk, rel_err
 
-# (attention sites rewritten, attention sites left dense, mlp sites rewritten) per tiny config
+# (attention sites rewritten, attention sites left dense, mlp sites rewritten, mlp sites left dense) per tiny
+# config; every site left dense has a reason, and every site in a transformer block a layer
 EXPECTED = {
-    "flux": (2, 0, 3),            # double block joint attn + single block attn; ff, ff_context, fused proj_out
-    "sd3": (1, 0, 1),             # one joint block (last block: context_pre_only, no ff_context)
-    "wan": (1, 1, 1),             # self-attn rewritten, cross-attn to text left dense; ffn
-    "hunyuan_video": (2, 1, 4),   # double + single block attention (key-padding mask), refiner attention left
-                                  # dense ([B, H, N, N] mask); refiner SiLU MLP, ff, ff_context, fused proj_out
-    "pixart": (1, 1, 1),          # self-attn, cross-attn left dense, ff
-    "cogvideox": (1, 0, 1),       # joint attention, ff
-    "plain_dit": (2, 0, 2),       # hand-written softmax attention, SwiGLU with separate gate/up linears
+    "flux": (2, 0, 3, 0),            # double block joint attn + single block attn; ff, ff_context, fused proj_out
+    "sd3": (1, 0, 1, 0),             # one joint block (last block: context_pre_only, no ff_context)
+    "wan": (1, 1, 1, 0),             # self-attn rewritten, cross-attn to text left dense; ffn
+    "hunyuan_video": (2, 1, 3, 1),   # double + single block attention (key-padding mask); ff, ff_context, fused
+                                     # proj_out; the text refiner block (attention + SiLU MLP, text tokens only)
+                                     # is a conditioning stack, not a layer: left dense
+    "pixart": (1, 1, 1, 0),          # self-attn, cross-attn left dense, ff
+    "cogvideox": (1, 0, 1, 0),       # joint attention, ff
+    "plain_dit": (2, 0, 2, 0),       # hand-written softmax attention, SwiGLU with separate gate/up linears
 }
 
 
@@ -25,14 +27,14 @@ EXPECTED = {
 def test_sites_per_architecture(name):
     model, make_inputs = tiny_models.FACTORIES[name]()
     report = chipmunk_compile.explain(model, options={"first_dense_layers": 0}, **make_inputs())
-    attn_ok, attn_dense, mlp_ok = EXPECTED[name]
+    attn_ok, attn_dense, mlp_ok, mlp_dense = EXPECTED[name]
     assert report.count("attention", rewritten=True) == attn_ok, str(report)
     assert report.count("attention", rewritten=False) == attn_dense, str(report)
     assert report.count("mlp", rewritten=True) == mlp_ok, str(report)
-    assert report.count("mlp", rewritten=False) == 0, str(report)
+    assert report.count("mlp", rewritten=False) == mlp_dense, str(report)
     for site in report.sites:
         assert site.rewritten == (site.reason == "")
-        assert site.module and site.layer is not None
+        assert site.module and (site.layer is not None or "refiner" in site.module)
 
 
 def test_reasons_and_layers():
@@ -163,21 +165,23 @@ def test_flux_layers_with_one_single_block():
     assert layers == {"transformer_blocks.0": 0, "transformer_blocks.1": 1, "single_transformer_blocks.0": 2}
 
 
-def test_text_refiner_blocks_are_not_layers():
+@pytest.mark.parametrize("refiner_blocks", [1, 2])
+def test_text_refiner_blocks_are_not_layers(refiner_blocks):
     """HunyuanVideo's text refiner (two blocks inside context_embedder, text tokens only, before the transformer)
     is a conditioning stack: counted as layers 0-1 it took first_dense_layers=2 and left the transformer's first
     blocks sparse."""
     from diffusers import HunyuanVideoTransformer3DModel
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
-                                           num_layers=2, num_single_layers=1, num_refiner_layers=2, patch_size=2,
+                                           num_layers=2, num_single_layers=1, num_refiner_layers=refiner_blocks,
+                                           patch_size=2,
                                            patch_size_t=1, text_embed_dim=32, pooled_projection_dim=32,
                                            guidance_embeds=True, rope_axes_dim=(4, 6, 6)).eval()
     _, make_inputs = tiny_models.hunyuan_video()
     report = chipmunk_compile.explain(model, options={"first_dense_layers": 2}, **make_inputs())
     refiner = [s for s in report.sites if ".refiner_blocks." in s.module]
-    assert len(refiner) == 4 and all(s.layer is None and not s.rewritten for s in refiner)
-    assert all("text refiner" in s.reason for s in refiner)
+    assert len(refiner) == 2 * refiner_blocks and all(s.layer is None and not s.rewritten for s in refiner)
+    assert all("text refiner" in s.reason for s in refiner if s.kind == "mlp")  # (attention: its mask's reason)
     layers = {s.module.split(".attn")[0]: (s.layer, s.rewritten) for s in report.sites
               if s.kind == "attention" and s not in refiner}
     assert layers == {"transformer_blocks.0": (0, False), "transformer_blocks.1": (1, False),
