@@ -44,6 +44,9 @@ class GraphRuntime:
         # are the same model, and a new model in a deleted one's memory is not.
         self.weight_refs = tuple(weakref.ref(w) for w in weights)
         self.model_key = frozenset(id(w) for w in weights)
+        steps = next((_steps_override[id(w)] for w in weights if id(w) in _steps_override), None)
+        if steps is not None and steps != options.num_steps:  # the model follows its scheduler's step count
+            self.options = options = dataclasses.replace(options, num_steps=steps)
         self.calls = 0
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
@@ -101,6 +104,16 @@ class GraphRuntime:
 
 
 _ids = itertools.count(1)
+# id(weight tensor) -> steps per generation, set by scheduler_sync.begin_generation for the graphs a model
+# compiles later; an entry goes with its tensor.
+_steps_override: dict[int, int] = {}
+
+
+def set_steps_override(tensor: torch.Tensor, num_steps: int) -> None:
+    key = id(tensor)
+    if key not in _steps_override:
+        weakref.finalize(tensor, _steps_override.pop, key, None)
+    _steps_override[key] = num_steps
 _RUNTIMES: "weakref.WeakValueDictionary[int, GraphRuntime]" = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 

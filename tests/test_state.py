@@ -214,3 +214,43 @@ def test_weights_moved_to_new_memory_keep_their_graph_and_caches():
     assert any(kind.endswith("sparse") for kind in plans), plans  # sparse steps ran after the moves
     for s in range(6):
         assert rel_err(moved[s], unmoved[s]) < 1e-6, s
+
+
+@torch.no_grad()
+def test_follow_scheduler_keeps_generations_in_step_with_the_sampler():
+    """A 6-step sampler with the default num_steps=50: without help the second generation starts at step 6 of
+    the first and reads its caches; follow_scheduler resets at every set_timesteps and counts 6 steps."""
+    import copy
+    import types
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    copies = [copy.deepcopy(model) for _ in range(2)]
+
+    def generate(compiled, scheduler, seed):
+        scheduler.set_timesteps(6)
+        x = make_inputs(seed=seed)["x"]
+        for t in scheduler.timesteps:
+            x = x - 0.05 * compiled(x=x, t=(t / 1000).expand(1))
+        return x
+
+    followed, scheduler = compile_chipmunk(model), FlowMatchEulerDiscreteScheduler()
+    pipe = types.SimpleNamespace(scheduler=scheduler, transformer=followed)  # as a diffusers pipeline holds them
+    chipmunk_compile.follow_scheduler(pipe)
+    generate(followed, scheduler, seed=0)
+    second = generate(followed, scheduler, seed=1)
+    assert chipmunk_compile.stats(model)[0]["step"] == 0  # 6 calls = one whole generation
+    reference = generate(compile_chipmunk(copies[0], num_steps=6), FlowMatchEulerDiscreteScheduler(), seed=1)
+    assert rel_err(second, reference) < 1e-6
+    unaided = compile_chipmunk(copies[1])  # num_steps=50: out of step from the second generation on
+    generate(unaided, FlowMatchEulerDiscreteScheduler(), seed=0)
+    assert rel_err(generate(unaided, FlowMatchEulerDiscreteScheduler(), seed=1), reference) > 1e-4
+
+
+def test_follow_scheduler_rejects_what_it_cannot_follow():
+    model, _ = tiny_models.plain_dit()
+    with pytest.raises(TypeError, match="set_timesteps"):
+        chipmunk_compile.follow_scheduler(object(), model)
+    with pytest.raises(ValueError, match="transformer"):
+        chipmunk_compile.follow_scheduler(object())
+    with pytest.raises(ValueError, match="positive int"):
+        chipmunk_compile.begin_generation(model, 0)
