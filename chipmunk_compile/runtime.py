@@ -114,6 +114,8 @@ def set_steps_override(tensor: torch.Tensor, num_steps: int) -> None:
     if key not in _steps_override:
         weakref.finalize(tensor, _steps_override.pop, key, None)
     _steps_override[key] = num_steps
+
+
 _RUNTIMES: "weakref.WeakValueDictionary[int, GraphRuntime]" = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 

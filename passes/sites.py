@@ -153,19 +153,18 @@ def _site_group(site: Site, layer_lists: set[str], repeated: frozenset[str]) -> 
     return None
 
 
-def _auxiliary_lists(sites: list[Site], layer_lists: set[str], repeated: frozenset[str]) -> dict[str, int]:
+def _auxiliary_lists(sites: list[Site], groups: list[str | None]) -> dict[str, int]:
     """Block lists that prepare a small side sequence before the transformer's blocks run, e.g. a text refiner
     (HunyuanVideo's ``context_embedder.token_refiner.refiner_blocks``, Lumina2's ``context_refiner``) or text-only
     blocks (Kandinsky 5): at most half the token rows of the list with the graph's largest site, and every site
     before that list's first. They are conditioning stacks, not transformer layers: counting them would spend
     ``first_dense_layers`` on them and leave the transformer's first blocks sparse. (A smaller stage that runs
-    between larger ones, as in an hourglass model, stays a layer.) ``sites`` are in graph order.
-    {list pattern: its largest site's token rows}."""
+    between larger ones, as in an hourglass model, stays a layer.) ``sites`` are in graph order, ``groups`` their
+    ``_site_group``s. {list pattern: its largest site's token rows}."""
     rows: dict[str, int] = {}
     last: dict[str, int] = {}
     first: dict[str, int] = {}
-    for index, site in enumerate(sites):
-        pattern = _site_group(site, layer_lists, repeated)
+    for index, (site, pattern) in enumerate(zip(sites, groups)):
         if pattern is not None:
             rows[pattern] = max(rows.get(pattern, 0), _token_rows(site))
             first.setdefault(pattern, index)
@@ -191,21 +190,18 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
             kinds_in.setdefault(_pattern(element), set()).add(site.kind)
     all_kinds = {site.kind for site in sites}
     layer_lists = {p for p, kinds in kinds_in.items() if kinds >= all_kinds} or set(kinds_in)
-    auxiliary = _auxiliary_lists(sites, layer_lists, repeated)
-    groups = {id(site): _site_group(site, layer_lists, repeated) for site in sites}
+    groups = [_site_group(site, layer_lists, repeated) for site in sites]
+    auxiliary = _auxiliary_lists(sites, groups)
     layer_lists -= set(auxiliary)
 
     def layer_block(path: str) -> str | None:
         elements = [e for e in _list_elements(path, repeated) if _pattern(e) in layer_lists]
         return elements[-1] if elements else None
 
-    def in_auxiliary(path: str) -> str | None:
-        return next((_pattern(e) for e in _list_elements(path, repeated) if _pattern(e) in auxiliary), None)
-
     mlp_only = {p for p, kinds in kinds_in.items() if kinds == {"mlp"} and p not in layer_lists}
-    for site in sites:
+    for site, group in zip(sites, groups):
         site.block = layer_block(site.module) or site.block
-        aux = groups[id(site)] if groups[id(site)] in auxiliary else None
+        aux = group if group in auxiliary else None
         if aux is not None and layer_block(site.module) is None:
             site.block = None
             site.reason = site.reason or (f"outside the transformer blocks: {aux} runs at most {auxiliary[aux]} "
@@ -219,13 +215,12 @@ def assign_layers(graph: fx.Graph, sites: list[Site]) -> list[str]:
             site.reason = site.reason or ("outside the transformer blocks (a list of MLPs without attention: an "
                                           "embedder or modulation network, not a layer)")
     # Only blocks that are layers (or hold a site) are counted: another indexed module, such as the first
-    # element of an nn.Sequential embedder holding a custom norm (Z-Image's cap_embedder.0), is not a layer.
+    # element of an nn.Sequential embedder holding a custom norm (Z-Image's cap_embedder.0), or a conditioning
+    # stack's block (its sites have no block now), is not a layer.
     site_blocks = {site.block for site in sites if site.block is not None}
     seen: dict[str, None] = {}
     for node in graph.nodes:
         stack = module_stack(node)
-        if stack and in_auxiliary(stack[-1][0]) is not None and layer_block(stack[-1][0]) is None:
-            continue
         block = layer_block(stack[-1][0]) if stack else None
         if block is None:
             fallback = block_of(node)
