@@ -154,7 +154,8 @@ def live_runtimes() -> list[GraphRuntime]:
 def _module_tensors(model) -> list[torch.Tensor]:
     module = getattr(model, "_orig_mod", model)
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"chipmunk.reset: expected an nn.Module (or torch.compile'd module), got {type(model)}")
+        raise TypeError(f"chipmunk_compile: expected the model, an nn.Module (or torch.compile'd module), got "
+                        f"{type(model)}")
     return [*module.parameters(), *module.buffers()]
 
 

@@ -12,8 +12,10 @@ number of timesteps the scheduler will run.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import numbers
 import weakref
 
 from chipmunk_compile import runtime
@@ -22,39 +24,59 @@ from chipmunk_compile import runtime
 def follow_scheduler(pipe_or_scheduler, model=None) -> None:
     """Resets ``model``'s chipmunk state and sets its ``num_steps`` to ``len(scheduler.timesteps)`` each time
     ``scheduler.set_timesteps`` runs. ``pipe_or_scheduler``: a diffusers pipeline (its ``scheduler`` and, when
-    ``model`` is None, its ``transformer``), or a scheduler with ``set_timesteps`` and ``timesteps``."""
+    ``model`` is None, its ``transformer`` and ``transformer_2`` — Wan 2.2's two experts), or a scheduler with
+    ``set_timesteps`` and ``timesteps``. A deep copy of the scheduler (as some pipelines make for a second set of
+    latents) sets its own timesteps and does not follow the model."""
     scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)
     if model is None:
-        model = getattr(pipe_or_scheduler, "transformer", None)
-    if model is None:
-        raise ValueError("follow_scheduler: pass the model: the first argument has no `transformer`")
+        models = [m for m in (getattr(pipe_or_scheduler, name, None) for name in _DENOISERS) if m is not None]
+        if not models:
+            raise ValueError("follow_scheduler: pass the model: the first argument has no `transformer`")
+        for each in models:
+            follow_scheduler(scheduler, each)
+        return
     if not callable(getattr(scheduler, "set_timesteps", None)):
         raise TypeError(f"follow_scheduler: {type(scheduler).__name__} has no set_timesteps(); pass a diffusers "
                         "pipeline or scheduler")
     weights = runtime._module_tensors(model)  # also validates the model
     if not weights:
         raise ValueError("follow_scheduler: the model has no parameters or buffers to recognise it by")
-    model_ref = weakref.ref(getattr(model, "_orig_mod", model))
-    original = scheduler.set_timesteps
+    scheduler.set_timesteps = _FollowingSetTimesteps(scheduler, scheduler.set_timesteps,
+                                                     weakref.ref(getattr(model, "_orig_mod", model)))
 
-    @functools.wraps(original)
-    def set_timesteps(*args, **kwargs):
-        result = original(*args, **kwargs)
-        target = model_ref()
+
+_DENOISERS = ("transformer", "transformer_2")
+
+
+class _FollowingSetTimesteps:
+    """``scheduler.set_timesteps`` that also begins a generation of the followed model. An object, not a closure:
+    a closure would survive ``copy.deepcopy(scheduler)`` unchanged, so the copy's set_timesteps would set the
+    original scheduler's timesteps and leave the copy's stale."""
+
+    def __init__(self, scheduler, original, model_ref):
+        functools.update_wrapper(self, original)  # name, doc, __wrapped__ (inspect.signature sees the original)
+        self.scheduler, self.chipmunk_wrapped, self.model_ref = scheduler, original, model_ref
+
+    def __call__(self, *args, **kwargs):
+        result = self.chipmunk_wrapped(*args, **kwargs)
+        target = self.model_ref()
         if target is not None:
-            begin_generation(target, len(scheduler.timesteps))
+            begin_generation(target, len(self.scheduler.timesteps))
         return result
 
-    set_timesteps.chipmunk_wrapped = original
-    scheduler.set_timesteps = set_timesteps
+    def __deepcopy__(self, memo):
+        # The copy's plain set_timesteps: the original bound method deep-copies onto the copied scheduler (already
+        # in memo when the scheduler is what is being copied).
+        return copy.deepcopy(self.chipmunk_wrapped, memo)
 
 
 def begin_generation(model, num_steps: int) -> int:
     """Resets every compiled graph of ``model`` and makes its generations ``num_steps`` steps long, for the graphs
     compiled so far and those compiled later (a first call, a new resolution). Returns how many graphs were
     reset."""
-    if not isinstance(num_steps, int) or num_steps < 1:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise ValueError(f"begin_generation: num_steps must be a positive int, got {num_steps!r}")
+    num_steps = int(num_steps)
     tensors = runtime._module_tensors(model)
     for tensor in tensors:
         runtime.set_steps_override(tensor, num_steps)

@@ -247,10 +247,44 @@ def test_follow_scheduler_keeps_generations_in_step_with_the_sampler():
 
 
 def test_follow_scheduler_rejects_what_it_cannot_follow():
+    import numpy as np
+    import types
     model, _ = tiny_models.plain_dit()
+    assert chipmunk_compile.begin_generation(model, np.int64(5)) == 0  # numpy ints are steps too
     with pytest.raises(TypeError, match="set_timesteps"):
         chipmunk_compile.follow_scheduler(object(), model)
     with pytest.raises(ValueError, match="transformer"):
         chipmunk_compile.follow_scheduler(object())
     with pytest.raises(ValueError, match="positive int"):
         chipmunk_compile.begin_generation(model, 0)
+    with pytest.raises(ValueError, match="positive int"):
+        chipmunk_compile.begin_generation(model, True)
+    with pytest.raises(TypeError, match="expected the model"):
+        chipmunk_compile.follow_scheduler(types.SimpleNamespace(set_timesteps=lambda n: None), lambda x: x)
+
+
+@torch.no_grad()
+def test_follow_scheduler_survives_a_deep_copy_and_follows_both_experts():
+    """A deep copy of a followed scheduler (LTX2 pipelines copy theirs for the audio latents) sets its own
+    timesteps; follow_scheduler(pipe) follows transformer_2 (Wan 2.2's low-noise expert) too."""
+    import copy
+    import types
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, _ = tiny_models.plain_dit()
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(scheduler, model)
+    scheduler.set_timesteps(6)
+    duplicate = copy.deepcopy(scheduler)
+    duplicate.set_timesteps(3)
+    assert (len(duplicate.timesteps), len(scheduler.timesteps)) == (3, 6)
+    low = copy.deepcopy(model)
+    pipe = types.SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=model, transformer_2=low)
+    chipmunk_compile.follow_scheduler(pipe)
+    compiled = compile_chipmunk(low)
+    x = torch.randn(1, 256, 4)
+    for steps in (6, 4):
+        pipe.scheduler.set_timesteps(steps)
+        for t in pipe.scheduler.timesteps[:2]:
+            compiled(x=x, t=(t / 1000).reshape(1))
+        assert [rt.options.num_steps for rt in chipmunk_compile.runtime._runtimes_of(low)] == [steps]
+        assert chipmunk_compile.stats(low)[0]["step"] == 2
