@@ -59,6 +59,20 @@ def rec(shape, what, t, **extra):
     print(f"{shape:14s} {what:70s} {t:8.4f} ms {extra if extra else ''}", flush=True)
 
 
+def timed_variant(shape, what, launch, check=lambda: None, setup=lambda: None, extra=lambda t: {}):
+    """``setup()``, one ``launch()`` checked by ``check()`` (its error against the reference), then the variant's
+    CUDA-graph time, recorded with ``extra(t)``; a variant that fails to compile or run records a FAILED row."""
+    try:
+        setup()
+        launch()
+        err = check()
+        t = graph_ms(launch, False)
+    except Exception as e:  # noqa: BLE001 (report every failing variant)
+        rec(shape, f"{what} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", -1.0)
+        return
+    rec(shape, what, t, err=err, **extra(t))
+
+
 @triton.jit
 def _mm1_persistent(X, WG, BG, IDX, ACACHE, DELTA, stride_xn, stride_wgf, stride_an, stride_af,
                     N, C, nb, n_sel, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -284,14 +298,9 @@ def persistent_tma(N, sp, C=3072, Fh=12288):
             _mm1_persistent_tma[(sms,)](x_desc, w_desc, w1, b1, indices, a_cache, dt, w1.stride(0), a_cache.stride(1),
                                        a_cache.stride(2), N, C, nb, k, ACT=1, BLOCK_T=128, BLOCK_F=256, BLOCK_C=64,
                                        GROUP_T=group, PROGRAMS=sms, GATHER=gather, num_warps=8, num_stages=stages)
-        what = f"ptma: mm1 persistent TMA-x stages={stages} group={group} gather={gather}"
-        try:
-            a_cache.copy_(a0)
-            mm1()
-            err = max(rel_err(dt, d_ref), rel_err(a_cache, a_ref)) if gather else None
-            rec(shape, what, graph_ms(mm1, False), err=err)
-        except Exception as e:  # noqa: BLE001
-            rec(shape, f"{what} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", -1.0)
+        timed_variant(shape, f"ptma: mm1 persistent TMA-x stages={stages} group={group} gather={gather}", mm1,
+                      check=lambda: max(rel_err(dt, d_ref), rel_err(a_cache, a_ref)) if gather else None,
+                      setup=lambda: a_cache.copy_(a0))
     a_cache.copy_(a0)
     y_cache.copy_(y0)
     run(m1=False, delta=d_ref)
@@ -303,14 +312,10 @@ def persistent_tma(N, sp, C=3072, Fh=12288):
             _mm2_persistent_tma[(sms,)](d_desc, indices, w2_t, y_cache, out, w2_t.stride(1), y_cache.stride(1),
                                        out.stride(1), C, nb, k, BLOCK_T=128, BLOCK_D=bd, BLOCK_K=64, GROUP_T=group,
                                        PROGRAMS=sms, num_warps=warps, num_stages=stages)
-        what = f"ptma: mm2 persistent TMA-delta {bd}x64 w{warps} s{stages} group={group}"
-        try:
-            y_cache.copy_(y0)
-            mm2()
-            err = max(rel_err(y_cache.float() - y0.float(), y_ref.float() - y0.float()), rel_err(out, o_ref))
-            rec(shape, what, graph_ms(mm2, False), err=err)
-        except Exception as e:  # noqa: BLE001
-            rec(shape, f"{what} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", -1.0)
+        timed_variant(shape, f"ptma: mm2 persistent TMA-delta {bd}x64 w{warps} s{stages} group={group}", mm2,
+                      check=lambda: max(rel_err(y_cache.float() - y0.float(), y_ref.float() - y0.float()),
+                                        rel_err(out, o_ref)),
+                      setup=lambda: y_cache.copy_(y0))
 
 
 AUTOWS_CONFIGS = ((False, 128, 256, 8, 3, False), (False, 128, 256, 4, 3, True), (False, 128, 256, 4, 4, True),
@@ -357,16 +362,9 @@ def autows_ceilings(N, sp, C=3072, Fh=12288, configs=None, baselines=True, gemms
                     _dense_gemm_tma_ws[(M // bm * (Nn // bn),)](
                         a_desc, b_desc, out, M, Nn, K, out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
                         WS=ws, num_warps=warps, num_stages=stages)
-            what = f"autows: TMA {'persistent ' if persistent else ''}{bm}x{bn} w{warps} s{stages} ws={ws}"
-            try:
-                out.fill_(float("nan"))
-                tri()
-                err = rel_err(out, want)
-                t = graph_ms(tri, False)
-            except Exception as e:  # noqa: BLE001
-                rec(shape, f"{what} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", -1.0)
-                continue
-            rec(shape, what, t, tflops=flops / t / 1e9, err=err)
+            timed_variant(shape, f"autows: TMA {'persistent ' if persistent else ''}{bm}x{bn} w{warps} s{stages} "
+                          f"ws={ws}", tri, check=lambda: rel_err(out, want), setup=lambda: out.fill_(float("nan")),
+                          extra=lambda t: dict(tflops=flops / t / 1e9))
 
 
 def ceilings(N, sp, C=3072, Fh=12288):
@@ -416,16 +414,10 @@ def tile_ceilings(N, sp, C=3072, Fh=12288):
                                   (64, 256, 4, 4), (64, 128, 4, 5)):
         def tri():
             dense_gemm(x, w1k, out, bm, bn, warps=warps, stages=stages)
-        try:
-            tri()
-            err = rel_err(out, want)
-            t = graph_ms(tri, False)
-        except Exception as e:  # noqa: BLE001
-            rec(shape, f"tiles: Triton {bm}x{bn} w{warps} s{stages} FAILED {type(e).__name__}", -1.0)
-            continue
         bytes_per_flop = (bm + bn) / (bm * bn)
-        rec(shape, f"tiles: Triton {bm}x{bn}x64 w{warps} s{stages}", t, err=err, tflops=flops / t / 1e9,
-            operand_bytes_per_flop=bytes_per_flop, implied_l2_tb_s=flops / t / 1e9 * bytes_per_flop)
+        timed_variant(shape, f"tiles: Triton {bm}x{bn}x64 w{warps} s{stages}", tri, check=lambda: rel_err(out, want),
+                      extra=lambda t: dict(tflops=flops / t / 1e9, operand_bytes_per_flop=bytes_per_flop,
+                                           implied_l2_tb_s=flops / t / 1e9 * bytes_per_flop))
 
 
 def bench(N, sp, C=3072, Fh=12288):

@@ -255,18 +255,20 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
 
 def _autocast_in_effect(gm: fx.GraphModule) -> str | None:
     """Why autocast would change this graph's arithmetic (the model is called inside torch.autocast, or enters
-    it in its own code), or None."""
+    it in its own code) and what the user can do about it, or None."""
     for device_type in ("cuda", "cpu", "xpu", "mps"):
         try:
             if torch.is_autocast_enabled(device_type):
-                return f"the model is called under torch.autocast('{device_type}')"
+                return (f"the model is called under torch.autocast('{device_type}'). Cast the model instead (e.g. "
+                        "model.to(torch.bfloat16)) to run it sparse.")
         except (RuntimeError, TypeError, ValueError):  # a device type this torch build does not know
             continue
     for node in gm.graph.nodes:
         name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
         if "autocast" not in name or name == "_exit_autocast" or _autocast_disabled(node):
             continue  # leaving a region, or a region that turns autocast off (float32 RoPE / timestep maths)
-        return "the model enters torch.autocast in its forward"
+        return ("the model enters torch.autocast in its forward. The autocast region is in the model's own code: "
+                "move it out of the compiled forward (or behind a graph break) to run this graph sparse.")
     return None
 
 
@@ -326,11 +328,8 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         return inner_compile(gm, example_inputs, options, torch_mode)
     autocast = _autocast_in_effect(gm)
     if autocast:
-        _warn(f"chipmunk: {autocast}; the chipmunk ops compute in the weights' dtype and do not follow autocast, "
-              f"so this graph runs plain {options.inner_backend}. "
-              + ("Cast the model instead (e.g. model.to(torch.bfloat16)) to run it sparse." if "called under" in autocast
-                 else "The autocast region is in the model's own code: move it out of the compiled forward (or "
-                      "behind a graph break) to run this graph sparse."))
+        _warn(f"chipmunk: the chipmunk ops compute in the weights' dtype and do not follow autocast, so this "
+              f"graph runs plain {options.inner_backend}: {autocast}")
         return inner_compile(gm, example_inputs, options, torch_mode)
     compiled, rt = _build(gm, example_inputs, options, torch_mode)
     if rt is None:
