@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from chipmunk_compile import dump, runtime
 from chipmunk_compile.options import ChipmunkOptions
+from chipmunk_compile.passes.autocast_regions import autocast_region_nodes
 from chipmunk_compile.passes.dataflow import dataflow_graph
 from chipmunk_compile.passes.detect_attention import find_attention_sites
 from chipmunk_compile.passes.detect_mlp import find_mlp_sites, site_nodes as mlp_site_nodes
@@ -61,8 +62,14 @@ def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions) -> list[Site]:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     sites.sort(key=lambda s: order[s.nodes["out"]])
     assign_layers(gm.graph, sites)
+    under_autocast = autocast_region_nodes(gm.graph)
     for site in sites:
         if site.reason:
+            continue
+        if under_autocast and any(n in under_autocast for n in _all_nodes(site.nodes)):
+            site.reason = ("unsupported: inside a torch.autocast region entered in the model's own code (the "
+                           "chipmunk ops compute in the weights' dtype and do not follow autocast); move the "
+                           "autocast out of the compiled forward to run it sparse")
             continue
         if site.kind == "attention" and not options.sparsify_attention:
             site.reason = "attention sparsity disabled (sparsify_attention=False)"
@@ -71,6 +78,18 @@ def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions) -> list[Site]:
         elif site.layer is not None and site.layer < options.first_dense_layers:
             site.reason = f"layer {site.layer} < first_dense_layers={options.first_dense_layers}"
     return sites
+
+
+def _all_nodes(value):
+    """The FX nodes in a site's (nested) node record."""
+    if isinstance(value, fx.Node):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _all_nodes(v)
+    elif isinstance(value, (list, tuple, set)):
+        for v in value:
+            yield from _all_nodes(v)
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list[Site], runtime_id: int, options: ChipmunkOptions,
@@ -253,9 +272,10 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         return inner_compile(gm, example_inputs, options, torch_mode), None
 
 
-def _autocast_in_effect(gm: fx.GraphModule) -> str | None:
-    """Why autocast would change this graph's arithmetic (the model is called inside torch.autocast, or enters
-    it in its own code) and what the user can do about it, or None."""
+def _ambient_autocast() -> str | None:
+    """Why autocast would change the whole graph's arithmetic (the model is called inside torch.autocast) and
+    what the user can do about it, or None. Regions the model enters itself are handled per site
+    (``passes/autocast_regions.py``)."""
     for device_type in ("cuda", "cpu", "xpu", "mps"):
         try:
             if torch.is_autocast_enabled(device_type):
@@ -263,22 +283,7 @@ def _autocast_in_effect(gm: fx.GraphModule) -> str | None:
                         "model.to(torch.bfloat16)) to run it sparse.")
         except (RuntimeError, TypeError, ValueError):  # a device type this torch build does not know
             continue
-    for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-        if "autocast" not in name or name == "_exit_autocast" or _autocast_disabled(node):
-            continue  # leaving a region, or a region that turns autocast off (float32 RoPE / timestep maths)
-        return ("the model enters torch.autocast in its forward. The autocast region is in the model's own code: "
-                "move it out of the compiled forward (or behind a graph break) to run this graph sparse.")
     return None
-
-
-def _autocast_disabled(node: fx.Node) -> bool:
-    """An ``_enter_autocast(device_type, dtype, enabled, cache_enabled)`` node with enabled=False: it changes no
-    arithmetic here, since the model is not called under autocast (checked before)."""
-    if getattr(node.target, "__name__", "") != "_enter_autocast":
-        return False
-    enabled = node.args[2] if len(node.args) > 2 else node.kwargs.get("enabled", True)
-    return enabled is False
 
 
 def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:
@@ -326,7 +331,7 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
               f"this graph runs plain {options.inner_backend}. Call the model under torch.no_grad() or "
               "torch.inference_mode().")
         return inner_compile(gm, example_inputs, options, torch_mode)
-    autocast = _autocast_in_effect(gm)
+    autocast = _ambient_autocast()
     if autocast:
         _warn(f"chipmunk: the chipmunk ops compute in the weights' dtype and do not follow autocast, so this "
               f"graph runs plain {options.inner_backend}: {autocast}")

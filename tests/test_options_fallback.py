@@ -178,7 +178,10 @@ def test_autocast_runs_plain_with_a_clear_warning():
     assert got.dtype == want.dtype and rel_err(got, want) < 1e-2
 
 
-def test_autocast_inside_the_model_runs_plain(monkeypatch):
+def test_autocast_around_the_blocks_inside_the_model_keeps_them_dense():
+    """The model enters torch.autocast around its blocks in its own forward: every site sits in the region, so
+    each stays dense (the ops do not follow autocast), with one warning that names the region, and the output
+    matches eager autocast."""
     class AutocastInside(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
@@ -198,6 +201,41 @@ def test_autocast_inside_the_model_runs_plain(monkeypatch):
     assert rel_err(got, want) < 1e-2
     text = " ".join(str(w.message) for w in record)
     assert "model's own code" in text and "Cast the model" not in text  # casting cannot help here
+    assert "left dense" in text and not chipmunk_compile.stats(wrapped)  # no site rewritten: no runtime
+
+
+@torch.no_grad()
+def test_an_autocast_region_outside_the_sites_does_not_stop_the_rewrite():
+    """Mochi computes its RoPE frequencies under torch.autocast(..., float32) in its forward: a region that
+    holds no attention or MLP leaves every site sparse (no warning), the region keeps its autocast arithmetic
+    in the compiled graph (dense mode equals eager exactly, though the bf16 region would differ in float32),
+    and a sparse run follows its dense reference as without the region."""
+    class AutocastedEmbedding(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.scale = torch.nn.Parameter(torch.randn(()) + 1.0, requires_grad=False)
+
+        def forward(self, x, t):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                t = torch.matmul(t[:, None], self.scale.reshape(1, 1))[:, 0]  # bf16 under the region
+            return self.inner(x, t.float())
+
+    model, make_inputs = tiny_models.plain_dit()
+    wrapped = AutocastedEmbedding(model).eval()
+    inputs = [make_inputs(step=s) for s in range(4)]
+    want = [wrapped(**i) for i in inputs]
+    assert rel_err(model(inputs[1]["x"], inputs[1]["t"] * wrapped.scale), want[1]) > 1e-5  # the region matters
+    dense = compile_chipmunk(wrapped, mode="dense", num_steps=4)
+    for i, w in zip(inputs, want):
+        assert rel_err(dense(**i), w) < 1e-6
+    torch._dynamo.reset()
+    compiled = compile_chipmunk(wrapped, num_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", chipmunk_compile.ChipmunkFallbackWarning)
+        got = [compiled(**i) for i in inputs]
+    assert chipmunk_compile.stats(wrapped)[0]["sites_rewritten"] > 0
+    assert all(rel_err(g, w) < 0.1 for g, w in zip(got, want))
 
 
 @torch.no_grad()
