@@ -23,6 +23,21 @@ def test_tile_permutation_orders_tiles_and_keeps_text_in_place():
     assert video.tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
 
 
+@pytest.mark.parametrize("layout", ["token_major", "contiguous", "other"])
+def test_select_tokens_gathers_like_index_select_and_keeps_the_layout(layout):
+    """The attention op gathers its queries through the token-major view when q is one (faster on CUDA): the same
+    values as index_select in every layout, and a token-major q stays token-major (what the kernels were given)."""
+    from chipmunk_compile.kernels.attention_op import select_tokens
+    base = torch.randn(2, 7, 3, 5)                                   # [B, N, H, D] memory
+    q = {"token_major": base.transpose(1, 2), "contiguous": base.transpose(1, 2).contiguous(),
+         "other": torch.randn(3, 2, 7, 5).transpose(0, 1)}[layout]   # head-major memory
+    index = torch.randperm(7)
+    got = select_tokens(q, 2, index)
+    assert torch.equal(got, q.index_select(2, index))
+    if layout == "token_major":
+        assert got.transpose(1, 2).is_contiguous()
+
+
 def test_image_segment():
     assert image_segment(64, (1, 8, 8), None) == 0
     assert image_segment(69, (1, 8, 8), (0, 5)) == 5                  # text in front
