@@ -20,7 +20,7 @@ import weakref
 import torch
 import torch.fx as fx
 
-from chipmunk_compile import dump, runtime
+from chipmunk_compile import cache_key, dump, runtime
 from chipmunk_compile.options import ChipmunkOptions
 from chipmunk_compile.passes.autocast_regions import autocast_region_nodes
 from chipmunk_compile.passes.dataflow import dataflow_graph
@@ -159,7 +159,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, 
     if options.inner_backend == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    patches = {}
+    patches = cache_key.inductor_config_patch()
     if options.cudagraphs or torch_mode in ("reduce-overhead", "max-autotune"):
         patches["triton.cudagraphs"] = True
     if torch_mode in ("max-autotune", "max-autotune-no-cudagraphs"):

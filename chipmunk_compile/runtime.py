@@ -48,6 +48,11 @@ class GraphRuntime:
         if steps is not None and steps != options.num_steps:  # the model follows its scheduler's step count
             self.options = options = dataclasses.replace(options, num_steps=steps)
         self.calls = 0
+        # follow_scheduler: generations begin at scheduler.set_timesteps; running past num_steps * invocations_per_step
+        # calls before the next one means the model is called more often per step than the options say.
+        self.followed = steps is not None
+        self.overran = False
+        self.restarts = 0       # mid-generation restarts because another graph of the same model ran
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
         self.site_records: list = []      # filled by the backend after the rewrite
@@ -70,6 +75,7 @@ class GraphRuntime:
     def advance(self) -> None:
         self.calls += 1
         if self.calls >= self.options.num_steps * self.options.invocations_per_step:
+            self.overran, self.restarts = self.followed, 0
             self.reset()
 
     def reset(self) -> None:
@@ -124,11 +130,38 @@ _lock = threading.Lock()
 # resolution or batch size) means a new generation there: it restarts from dense steps instead of continuing
 # whatever it held from before.
 _active: dict[frozenset, int] = {}
+_warned_models: set = set()  # (model key, warning kind) said once
+
+
+def _warn_once(rt: GraphRuntime, what: str, message: str) -> None:
+    """One warning per model and kind (the graphs of one model share the text)."""
+    key = (rt.model_key, what)
+    if key in _warned_models:
+        return
+    _warned_models.add(key)
+    import warnings
+    from chipmunk_compile.backend import ChipmunkFallbackWarning
+    warnings.warn(message, ChipmunkFallbackWarning, stacklevel=4)
 
 
 def activate(rt: GraphRuntime) -> None:
+    if rt.overran and rt.calls == 0:
+        rt.overran = False
+        _warn_once(rt, "overran", f"chipmunk: graph {rt.id} was called more than num_steps * invocations_per_step = "
+                   f"{rt.options.num_steps} * {rt.options.invocations_per_step} times since the scheduler's last "
+                   "set_timesteps: the pipeline calls the model more often per step than invocations_per_step "
+                   "says (separate cond/uncond CFG calls: Wan, Flux true_cfg_scale, HunyuanVideo true_cfg_scale, "
+                   "QwenImage need invocations_per_step=2), so cond and uncond share caches and the schedule "
+                   "restarts mid-generation.")
     if _active.get(rt.model_key) != rt.id:
         if rt.calls:
+            rt.restarts += 1
+            if rt.restarts == 3:
+                _warn_once(rt, "alternating", f"chipmunk: graph {rt.id} restarted from dense steps 3 times in the "
+                           "middle of a generation: another graph of the same model runs between its calls (e.g. "
+                           "cond/uncond CFG calls with different text lengths or masks, as QwenImage true CFG "
+                           "makes), so every step stays dense (no speedup). Batch the two calls or give them the "
+                           "same shapes (pad the negative prompt embeddings and masks to the prompt's length).")
             log.info("chipmunk: graph %d restarts from dense steps: another graph of the same model ran since "
                      "its last call (new resolution/batch, or cond/uncond calls of different shapes)", rt.id)
             rt.reset()

@@ -84,4 +84,5 @@ def begin_generation(model, num_steps: int) -> int:
     for rt in graphs:
         rt.options = dataclasses.replace(rt.options, num_steps=num_steps)
         rt.reset()
+        rt.followed, rt.overran, rt.restarts = True, False, 0
     return len(graphs)

@@ -21,7 +21,8 @@ slice of the current invocation. What it does at a call depends on the host-side
     sparse        sparse steps                          O_cache + P^S (P^S over the selected columns only)
 
 A scheduled sparse step whose caches are not filled yet runs the matching dense plan instead, so a schedule
-can never read an empty cache.
+can never read an empty cache. Every plan returns O laid out token-major ([B, N, H, D] memory seen as
+[B, H, N, D]), as CUDA's SDPA does.
 """
 from __future__ import annotations
 
@@ -68,7 +69,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
     # Token reordering: queries (and so the query groups and caches) in tile order; keys need no reordering.
     o = _attention(select_tokens(q, 2, token_perm), k, v, o_cache, lse_cache, indices, key_bias, scale,
                    static_start, static_end, runtime_id, site_index)
-    return o.index_select(2, token_unperm)
+    return select_tokens(o, 2, token_unperm)
+
+
+def empty_token_major(q: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """An output [B, H, N, head_dim] laid out token-major ([B, N, H, head_dim] memory), as CUDA's SDPA returns
+    it: the model's usual ``o.transpose(1, 2).reshape(B, N, H * D)`` is then a view, not a copy, and the
+    token reordering's gather of the output copies whole rows."""
+    B, H, N = q.shape[:3]
+    return q.new_empty((B, N, H, head_dim)).transpose(1, 2)
+
+
+def as_token_major(o: torch.Tensor) -> torch.Tensor:
+    """o itself when token-major, else a token-major copy (the op's outputs all have that layout)."""
+    return o if o.transpose(1, 2).is_contiguous() else o.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def select_tokens(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -90,8 +104,8 @@ def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, sta
     rt.count(f"attention:{plan}")
     if plan == "dense":
         mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1]).contiguous()
+        return as_token_major(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                             enable_gqa=k.shape[1] != q.shape[1]))
 
     opts, inv = rt.options, rt.invocation
     group = opts.attn_query_group
@@ -99,7 +113,8 @@ def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, sta
     delta_fn = implementation("sparse_attention_delta", opts.kernels, q.device)
 
     if plan == "sparse":
-        return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0, key_bias=key_bias)
+        return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0, key_bias=key_bias,
+                        out=empty_token_major(q, v.shape[-1]))
 
     lse_prev = lse_cache[inv] if plan == "dense_select" else None
     o, lse, colmass = dense_fn(q, k, v, scale, lse_prev, group, key_bias=key_bias)
@@ -117,12 +132,12 @@ def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, sta
     if plan in ("dense_select", "dense_cache"):
         delta_fn(q, k, v, scale, indices[inv], group, o, -1.0, out=o_cache[inv], key_bias=key_bias)
         flags.has_cache = True
-    return o
+    return as_token_major(o)
 
 
 def _attention_fake(q, k, v, o_cache, lse_cache, indices, key_bias, token_perm, token_unperm, scale, static_start,
                     static_end, runtime_id, site_index):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_token_major(q, v.shape[-1])
 
 
 # The plan is chosen on the host at every call: registered cudagraph_unsafe (see op_registration.py).

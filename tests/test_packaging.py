@@ -29,3 +29,37 @@ def test_wheel_installs_and_imports(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
+
+
+def test_inductor_cache_is_keyed_on_the_package_sources(tmp_path, monkeypatch):
+    """Inductor's on-disk graph cache does not see what the chipmunk ops' fake functions return: a graph
+    compiled by another version of the package must not be reused (its stride asserts could fail). Same sources:
+    a cache hit; changed sources (a different hash): a miss."""
+    import itertools
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    import chipmunk_compile
+    import tiny_models
+    from chipmunk_compile import cache_key, runtime
+    from helpers import compile_chipmunk
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    model, make_inputs = tiny_models.plain_dit()
+
+    def compile_once():
+        torch._dynamo.reset()
+        chipmunk_compile.reset()
+        # Graphs carry their runtime's id; ids restart in every process, so a new process meets its old graphs.
+        monkeypatch.setattr(runtime, "_ids", itertools.count(1))
+        counters.clear()
+        with torch.no_grad():
+            compile_chipmunk(model, inner_backend="inductor")(**make_inputs())
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    assert compile_once()[1] >= 1                       # cold cache
+    assert compile_once() == (1, 0)                     # same sources: reused
+    monkeypatch.setattr(cache_key, "source_hash", lambda: "another version")
+    assert compile_once()[1] >= 1                       # other sources: compiled afresh

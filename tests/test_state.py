@@ -246,6 +246,48 @@ def test_follow_scheduler_keeps_generations_in_step_with_the_sampler():
     assert rel_err(generate(unaided, FlowMatchEulerDiscreteScheduler(), seed=1), reference) > 1e-4
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("calls_per_step, invocations, warns", [(2, 1, True), (2, 2, False), (1, 1, False)])
+def test_a_followed_model_called_more_often_per_step_than_configured_warns(calls_per_step, invocations, warns):
+    """Separate cond/uncond calls (Wan, true-CFG Flux / HunyuanVideo / QwenImage) with invocations_per_step left
+    at 1 used to wrap the step counter mid-generation silently: a followed model now says so, once, and names
+    the option; the right setting and plain samplers stay quiet."""
+    import types
+    import warnings
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    compiled, scheduler = compile_chipmunk(model, invocations_per_step=invocations), FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(types.SimpleNamespace(scheduler=scheduler, transformer=compiled))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for generation in range(2):
+            scheduler.set_timesteps(4)
+            x = make_inputs(seed=generation)["x"]
+            for t in scheduler.timesteps:
+                for _ in range(calls_per_step):
+                    out = compiled(x=x, t=(t / 1000).expand(1))
+                x = x - 0.05 * out
+    messages = [str(w.message) for w in caught if "invocations_per_step" in str(w.message)]
+    assert len(messages) == (1 if warns else 0), messages
+
+
+@torch.no_grad()
+def test_two_graphs_of_one_model_alternating_mid_generation_warn_once():
+    """Cond / uncond calls of different shapes (QwenImage true CFG: prompts of different lengths) compile two
+    graphs that restart each other from dense steps at every call: no speedup, said once instead of an INFO
+    log line only."""
+    import warnings
+    model, make_inputs = tiny_models.plain_dit()
+    compiled = compile_chipmunk(model, num_steps=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(8):
+            for size in (8, 6):
+                compiled(**make_inputs(step=step, size=size))
+    messages = [str(w.message) for w in caught if "restarted from dense steps" in str(w.message)]
+    assert len(messages) == 1, messages
+
+
 def test_follow_scheduler_rejects_what_it_cannot_follow():
     import numpy as np
     import types
