@@ -66,7 +66,7 @@ def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions) -> list[Site]:
     for site in sites:
         if site.reason:
             continue
-        if under_autocast and any(n in under_autocast for n in _all_nodes(site.nodes)):
+        if under_autocast and any(n in under_autocast for n in _computed_nodes(site)):
             site.reason = ("unsupported: inside a torch.autocast region entered in the model's own code (the "
                            "chipmunk ops compute in the weights' dtype and do not follow autocast); move the "
                            "autocast out of the compiled forward to run it sparse")
@@ -80,16 +80,20 @@ def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions) -> list[Site]:
     return sites
 
 
-def _all_nodes(value):
-    """The FX nodes in a site's (nested) node record."""
-    if isinstance(value, fx.Node):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _all_nodes(v)
-    elif isinstance(value, (list, tuple, set)):
-        for v in value:
-            yield from _all_nodes(v)
+def _computed_nodes(site: Site) -> set[fx.Node]:
+    """The nodes a site computes (what its op would replace), not its inputs: an MLP input or q/k/v produced
+    inside an autocast region and consumed outside it does not put the site in the region."""
+    if site.kind == "mlp":
+        return mlp_site_nodes(site)
+    stops = {site.nodes.get(key) for key in ("q", "k", "v", "key_mask")}
+    seen, todo = set(), [site.nodes["out"]]
+    while todo:
+        node = todo.pop()
+        if node in seen or node in stops or node.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    return seen
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list[Site], runtime_id: int, options: ChipmunkOptions,

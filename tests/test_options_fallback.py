@@ -380,3 +380,46 @@ def test_a_region_that_turns_autocast_off_does_not_force_plain():
         for s in range(4):
             compiled(**make_inputs(step=s))
     assert chipmunk_compile.stats(wrapped)[0]["sites_rewritten"] > 0
+
+
+class _RegionBlock(torch.nn.Module):
+    """A DiT-like block; in block 2 a bf16 autocast region covers its MLP ("mlp") or only the MLP's input norm
+    ("input")."""
+
+    def __init__(self, index, region, dim=32, heads=2):
+        super().__init__()
+        self.index, self.region, self.heads = index, region, heads
+        self.n1, self.n2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 4 * dim), torch.nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        special = self.index == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=special):
+            h = self.n2(x)
+            if self.region == "mlp":
+                return x + self.fc2(torch.nn.functional.gelu(self.fc1(h))).float()
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(h)))  # h: float32 (autocast runs norms in it)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("region, dense_site", [("mlp", "blocks.2.fc2"), ("input", None)])
+def test_only_sites_computed_inside_an_autocast_region_stay_dense(region, dense_site):
+    """A region around one block's MLP keeps that MLP dense (its reason names the region) and rewrites the rest;
+    a region that only computes a site's input (a norm) leaves the site sparse. Dense mode equals eager."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.blocks = torch.nn.ModuleList(_RegionBlock(i, region) for i in range(4))
+    model.forward = lambda x: [x := b(x) for b in model.blocks][-1]
+    x = torch.randn(1, 64, 32)
+    want = model(x)
+    assert rel_err(compile_chipmunk(model, mode="dense")(x), want) < 1e-6
+    torch._dynamo.reset()
+    report = chipmunk_compile.explain(model, x, options=FAST)
+    dense = [s for s in report.sites if not s.rewritten]
+    assert [s.module.split("model.")[-1] for s in dense if "autocast" in s.reason] == (
+        [dense_site] if dense_site else [])
+    assert len(report.sites) - len(dense) == 8 - (1 if dense_site else 0)

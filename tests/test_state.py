@@ -206,7 +206,9 @@ def test_weights_moved_to_new_memory_keep_their_graph_and_caches():
     for s, inputs in enumerate(seq):
         if s in (2, 4):
             ptr = next(model.parameters()).data_ptr()
+            held = [p.data for p in model.parameters()]  # the old storage stays allocated: no address reuse
             model.double().float()  # new storage for every weight, the same Parameter objects, same values
+            del held
             assert next(model.parameters()).data_ptr() != ptr
         moved.append(compiled(**inputs))
     assert newest_runtimes(before) == []  # no new instance was built
