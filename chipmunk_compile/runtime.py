@@ -139,9 +139,8 @@ def _warn_once(rt: GraphRuntime, what: str, message: str) -> None:
     if key in _warned_models:
         return
     _warned_models.add(key)
-    import warnings
-    from chipmunk_compile.backend import ChipmunkFallbackWarning
-    warnings.warn(message, ChipmunkFallbackWarning, stacklevel=4)
+    from chipmunk_compile.backend import _warn  # the package's one way to say a fallback (warning + log)
+    _warn(message)
 
 
 def activate(rt: GraphRuntime) -> None:
