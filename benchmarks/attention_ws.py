@@ -7,7 +7,9 @@ mass against the reference, including groups whose anchor is off by +100 / -75 n
 Timing (do_bench medians, same process): SDPA, the ideal (SDPA over only the kept keys), the Triton kernel and
 the Gluon kernel at HunyuanVideo and FLUX shapes, plus a few Gluon configurations; the dense step with column
 mass (Gluon, Triton) against SDPA. Prints a table; writes attention_ws_<gpu>.json to $OUT or benchmarks/results.
-Usage: python benchmarks/attention_ws.py [--quick]
+``--sparse-only``: the sparse kernel alone, and its token_perm (reordering inside the kernel) against gathers
+around it.
+Usage: python benchmarks/attention_ws.py [--quick] [--sparse-only] [--dense-only] [--diagnose]
 """
 from __future__ import annotations
 
@@ -65,6 +67,15 @@ def check(results, overrides=None):
         name = f"B{B} H{H}/{Hk} N{N} d{D} g{G} K{n_sel} {str(dt)[6:]} kb={use_kb} {layout} {overrides or ''}"
         why = ws.supports(q, k, v, base, base, G)
         assert why is None, (name, why)
+        # token_perm (token_grid reordering inside the kernel), into a token-major output as the op allocates it
+        perm = torch.randperm(N, device=DEV)
+        ref_perm = attn_ref.sparse_attention_delta(q.float(), k.float(), v.float(), scale, idx, G, base.float(),
+                                                   -1.0, key_bias=kb, token_perm=perm)
+        out = torch.full((B, N, H, D), float("nan"), device=DEV, dtype=dt).transpose(1, 2)
+        sparse_tr.sparse_attention_delta(q, k, v, scale, idx, G, base, -1.0, out=out, key_bias=kb, kernel="gluon",
+                                         config=overrides, token_perm=perm)
+        torch.cuda.synchronize()
+        errs[name + " token_perm"] = rel_err(out, ref_perm)
         out = torch.full_like(base, float("nan"))
         sparse_tr.sparse_attention_delta(q, k, v, scale, idx, G, base, -1.0, out=out, key_bias=kb, kernel="gluon",
                                          config=overrides)
@@ -74,7 +85,8 @@ def check(results, overrides=None):
         sparse_tr.sparse_attention_delta(q, k, v, scale, idx, G, inplace, -1.0, out=inplace, key_bias=kb,
                                          kernel="gluon", config=overrides)
         errs[name + " in place"] = rel_err(inplace, ref)
-        print(f"check {name:60s} rel err {errs[name]:.2e} / in place {errs[name + ' in place']:.2e}", flush=True)
+        print(f"check {name:60s} rel err {errs[name]:.2e} / in place {errs[name + ' in place']:.2e} / "
+              f"token_perm {errs[name + ' token_perm']:.2e}", flush=True)
     bad = {n: e for n, e in errs.items() if not e < 2e-2}
     results.setdefault("correctness_rel_err", {}).update(errs)
     assert not bad, f"Gluon kernel disagrees with the reference: {bad}"
@@ -241,11 +253,45 @@ def bench(results, N, sparsities, quick, H=24, D=128, configs=()):
         del idx, out, ks, vs
 
 
+def bench_token_perm(results, N, sp, quick, H=24, D=128):
+    """The sparse step's token_grid reordering: gathers around the kernel (what the op did up to session 10:
+    q through its token-major view, the token-major output back) against token_perm inside the kernel."""
+    from chipmunk_compile.kernels.attention_op import empty_token_major, select_tokens
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, N, H, D, device=DEV, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    ng, n_sel = -(-N // 192), kept(N, sp)
+    idx = random_indices(H * ng, N, n_sel).view(1, H, ng, n_sel)
+    base = torch.randn(1, H, N, D, device=DEV, dtype=torch.bfloat16)
+    perm = torch.randperm(N, device=DEV)
+    unperm = torch.argsort(perm)
+    scale = D ** -0.5
+
+    def around():
+        o = sparse_tr.sparse_attention_delta(select_tokens(q, 2, perm), k, v, scale, idx, 192, base, 1.0,
+                                             out=empty_token_major(q, D))
+        return select_tokens(o, 2, unperm)
+
+    def inside():
+        return sparse_tr.sparse_attention_delta(q, k, v, scale, idx, 192, base, 1.0, out=empty_token_major(q, D),
+                                                token_perm=perm)
+
+    err = rel_err(inside(), around())
+    row = dict(bench="sparse_attention_token_perm", shape=f"B1 H{H} N{N} d{D}", sparsity=sp, gathers_ms=ms(around,
+               quick), in_kernel_ms=ms(inside, quick), no_perm_ms=ms(lambda: sparse_tr.sparse_attention_delta(
+                   q, k, v, scale, idx, 192, base, 1.0, out=empty_token_major(q, D)), quick), rel_err=err)
+    results["rows"].append(row)
+    print(f"token_perm {row['shape']:22s} {sp:5.3f} gathers around {row['gathers_ms']:7.3f}  in kernel "
+          f"{row['in_kernel_ms']:7.3f}  no reordering {row['no_perm_ms']:7.3f}  rel diff {err:.1e}", flush=True)
+    assert err < 2e-2, err
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dense-only", action="store_true", help="only the dense column-mass kernel")
     parser.add_argument("--diagnose", action="store_true", help="the dense step's launches timed apart, then exit")
+    parser.add_argument("--sparse-only", action="store_true",
+                        help="only the sparse kernel: checks, timings, token_perm")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     print(f"device {gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
@@ -254,6 +300,14 @@ def main():
         for n in (4608, 16896):
             diagnose_dense(results, n, [{}, dict(PERSISTENT=0), dict(SPLIT=0)])
         write_results("attention_ws_diagnose", results)
+        return
+    if args.sparse_only:
+        check(results)
+        for n in (4352, 4608, 16896):
+            bench(results, n, (0.835,), args.quick)
+            bench_token_perm(results, n, 0.835, args.quick)
+        bench(results, 118800, (0.93, 0.7), args.quick)
+        write_results("attention_ws_sparse", results)
         return
     if not args.dense_only:
         check(results)

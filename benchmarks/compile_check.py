@@ -39,17 +39,18 @@ _HEAD = dict(D=128, DV=128, D_PAD=128, DV_PAD=128, PRECISION="tf32")
 def _variants():
     """(name, jit function, pointer types, constexprs, stride args specialised to 1, num_warps, num_stages)."""
     attn_ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", KB="*fp32")
-    for kb in (False, True):
+    for kb, perm in ((False, False), (True, False), (False, True)):
         sparse = sparse_tr._CONFIGS[0]
-        yield (f"sparse_attention kb={kb}", sparse_tr._sparse_attn_kernel,
-               dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16"),
-               dict(_HEAD, HAS_KB=kb, **sparse.kwargs),
+        yield (f"sparse_attention kb={kb} perm={perm}", sparse_tr._sparse_attn_kernel,
+               dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16", PERM="*i64"),
+               dict(_HEAD, HAS_KB=kb, HAS_PERM=perm, **sparse.kwargs),
                ["stride_qd", "stride_kd", "stride_vd", "stride_bd", "stride_od"], sparse.num_warps, sparse.num_stages)
-    ws = sparse_ws._CONFIG
-    for d, kb, groups in ((128, False, 192), (128, True, 192), (64, False, 192), (128, False, 128), (64, True, 64)):
-        yield (f"sparse_attention_ws d={d} kb={kb} group={groups}", sparse_ws._sparse_attn_ws_kernel,
-               dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16"),
-               dict(D=d, HAS_KB=kb, N_CONSUMERS=groups // 64, **ws), [], 4,
+    ws = {n: v for n, v in sparse_ws._CONFIG.items() if n in sparse_ws._sparse_attn_ws_kernel.arg_names}
+    for d, kb, groups, perm in ((128, False, 192, False), (128, True, 192, False), (64, False, 192, False),
+                                (128, False, 128, False), (64, True, 64, False), (128, False, 192, True)):
+        yield (f"sparse_attention_ws d={d} kb={kb} group={groups} perm={perm}", sparse_ws._sparse_attn_ws_kernel,
+               dict(attn_ptrs, IDX="*i32", BASE="*bf16", OUT="*bf16", PERM="*i64"),
+               dict(D=d, HAS_KB=kb, HAS_PERM=perm, N_CONSUMERS=groups // 64, **ws), [], 4,
                dict(maxnreg=sparse_ws._MAXNREG))
     dense_ptrs = dict(attn_ptrs, O="*bf16", LSE="*fp32", LSE_PREV="*fp32", CS="*fp32", REDO="*i32", PART_O="*fp32",
                       PART_L="*fp32")
@@ -76,21 +77,21 @@ def _variants():
                    dense_tr._dense_attn_kernel, dense_ptrs, constexprs, ["stride_qd", "stride_kd", "stride_vd"],
                    config.num_warps, config.num_stages)
     for config in mlp_tr._MM1_CONFIGS[:2]:
-        for gated in (False, True):
-            yield (f"mlp_mm1 {config.kwargs} gated={gated}", mlp_tr._mlp_mm1_kernel,
+        for gated, perm in ((False, False), (True, False), (False, True)):
+            yield (f"mlp_mm1 {config.kwargs} gated={gated} perm={perm}", mlp_tr._mlp_mm1_kernel,
                    dict(X="*bf16", WG="*bf16", BG="*bf16", WU="*bf16", BU="*bf16", IDX="*i64", ACACHE="*bf16",
-                        DELTA="*bf16"),
+                        DELTA="*bf16", PERM="*i64"),
                    dict(HAS_BG=True, GATED=gated, HAS_BU=gated, ACT=1, PRECISION="tf32", EVEN_C=True, FULL_T=True,
-                        BLOCK_T=128, **config.kwargs),
+                        BLOCK_T=128, HAS_PERM=perm, **config.kwargs),
                    ["stride_xc", "stride_wgc", "stride_wuc", "stride_an"], config.num_warps, config.num_stages)
     yield ("mlp_mm2_ws (opt-in)", mm2_ws._mm2_ws_kernel, dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y="*fp32"),
            dict(BLOCK_T=128, **mm2_ws._CONFIG), [], 4, dict(maxnreg=mm2_ws._MAXNREG))
-    for config, y_type in ((mlp_tr._MM2_CONFIGS[0], "*fp32"), (mlp_tr._MM2_CONFIGS[-1], "*fp32"),
-                           (mlp_tr._MM2_CONFIGS[0], "*bf16"), (mlp_tr._MM2_CONFIGS[-1], "*bf16")):
-        yield (f"mlp_mm2 {config.kwargs} y={y_type[1:]}", mlp_tr._mlp_mm2_kernel,
-               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y=y_type, OUT="*bf16"),
+    for config, y_type, perm in ((mlp_tr._MM2_CONFIGS[0], "*fp32", False), (mlp_tr._MM2_CONFIGS[-1], "*fp32", False),
+                                 (mlp_tr._MM2_CONFIGS[0], "*bf16", True), (mlp_tr._MM2_CONFIGS[-1], "*bf16", False)):
+        yield (f"mlp_mm2 {config.kwargs} y={y_type[1:]} perm={perm}", mlp_tr._mlp_mm2_kernel,
+               dict(DELTA="*bf16", IDX="*i64", W2="*bf16", Y=y_type, OUT="*bf16", PERM="*i64"),
                dict(PRECISION="tf32", FULL_T=True, EVEN_K=True, EVEN_D=True, HAS_OUT=True, BLOCK_T=128,
-                    **config.kwargs),
+                    HAS_PERM=perm, **config.kwargs),
                ["stride_w2o", "stride_yo", "stride_oo"], config.num_warps, config.num_stages)
     # Selection: one program per row, keys in registers (scores given, or from the MLP's block means; the MLP
     # path writes the op's int32 index buffer directly), in the launch shapes ``_launch_shape`` picks for few rows

@@ -39,7 +39,6 @@ Supported here: CUDA capability 9.x, bf16/fp16, head dim 64 or 128 (q, k, v alik
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -55,6 +54,7 @@ from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile as _load_quer
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer_tma as _producer_tma
 from chipmunk_compile.kernels.kv_ring_gluon import kv_tile as _kv_tile
+from chipmunk_compile.kernels.launch import sm_count
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64
@@ -325,9 +325,6 @@ def supports(q, k, v, group_size: int, capability: tuple | None = None) -> str |
     return why
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -397,7 +394,7 @@ def dense_colmass_ws(q, k, v, scale: float, lse_prev, group_size: int, o, lse, c
     n_consumers = -(-group_size // _ROWS)
     part_rows = n_consumers * _ROWS
     key_tiles = -(-Nk // cfg["BLOCK_N"])
-    sms = _sm_count(q.device.index or 0)
+    sms = sm_count(q.device.index or 0)
     n_tail = split_count(items, key_tiles, sms, cfg.get("SPLIT"))
     first_split = items - n_tail
     tail_ctas = max(1, min(sms, n_tail * key_tiles))  # no empty ranges: each SM gets at least one key tile

@@ -7,7 +7,8 @@ Before (Dynamo graph)                       After
 
 ``bias`` is None or a key-padding mask as a per-key score bias, float32 [B, Nk] (0 / -inf for a bool mask, the
 values of an additive mask; computed once in the graph), applied by every plan; masked keys are never selected. ``perm`` / ``unperm`` (token_grid
-option) reorder the queries into spatial tiles before everything else and the output back after.
+option) reorder the queries into spatial tiles before everything else and the output back after (at sparse
+steps inside the kernel: it reads each query row at its token and writes the result there).
 
 The caches are GraphModule buffers with a leading invocation axis ([I, B, H, ...]); the op mutates only the
 slice of the current invocation. What it does at a call depends on the host-side runtime (step, flags):
@@ -63,12 +64,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_cache: torch.
               indices: torch.Tensor, key_bias: torch.Tensor | None, token_perm: torch.Tensor | None,
               token_unperm: torch.Tensor | None, scale: float, static_start: int, static_end: int, runtime_id: int,
               site_index: int) -> torch.Tensor:
-    if token_perm is None:
-        return _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale, static_start, static_end,
-                          runtime_id, site_index)
-    # Token reordering: queries (and so the query groups and caches) in tile order; keys need no reordering.
-    o = _attention(select_tokens(q, 2, token_perm), k, v, o_cache, lse_cache, indices, key_bias, scale,
-                   static_start, static_end, runtime_id, site_index)
+    rt = runtime.lookup(runtime_id)
+    plan = choose_plan(rt, rt.site_flags(site_index))
+    rt.count(f"attention:{plan}")
+    if token_perm is None or plan in ("dense", "sparse"):
+        # Sparse steps reorder inside the kernel (queries read, outputs written at their tokens); plain SDPA
+        # needs no reordering at all.
+        return _attention(plan, rt, q, k, v, o_cache, lse_cache, indices, key_bias, token_perm, scale,
+                          static_start, static_end, site_index)
+    # Dense steps: queries (and so the query groups and caches) in tile order; keys need no reordering.
+    o = _attention(plan, rt, select_tokens(q, 2, token_perm), k, v, o_cache, lse_cache, indices, key_bias, None,
+                   scale, static_start, static_end, site_index)
     return select_tokens(o, 2, token_unperm)
 
 
@@ -96,12 +102,9 @@ def select_tokens(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tenso
     return t.index_select(dim, index)
 
 
-def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, static_start: int, static_end: int,
-               runtime_id: int, site_index: int) -> torch.Tensor:
-    rt = runtime.lookup(runtime_id)
+def _attention(plan: str, rt, q, k, v, o_cache, lse_cache, indices, key_bias, token_perm, scale: float,
+               static_start: int, static_end: int, site_index: int) -> torch.Tensor:
     flags = rt.site_flags(site_index)
-    plan = choose_plan(rt, flags)
-    rt.count(f"attention:{plan}")
     if plan == "dense":
         mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
         return as_token_major(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
@@ -114,7 +117,7 @@ def _attention(q, k, v, o_cache, lse_cache, indices, key_bias, scale: float, sta
 
     if plan == "sparse":
         return delta_fn(q, k, v, scale, indices[inv], group, o_cache[inv], 1.0, key_bias=key_bias,
-                        out=empty_token_major(q, v.shape[-1]))
+                        out=empty_token_major(q, v.shape[-1]), token_perm=token_perm)
 
     lse_prev = lse_cache[inv] if plan == "dense_select" else None
     o, lse, colmass = dense_fn(q, k, v, scale, lse_prev, group, key_bias=key_bias)

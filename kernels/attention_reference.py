@@ -10,6 +10,9 @@ Query groups: queries ``[g*G, (g+1)*G)`` form group ``g``; the last group may be
 - ``column_mass``: cs[b, h, g, j] = sum over queries i of group g of exp(s_ij - lse_prev_i), where s = q k^T * scale.
 - ``sparse_attention_delta``: base + sign * P^S, where P^S is softmax attention over the selected key columns
   only (renormalised within the selection) and ``indices [B, H, G, K]`` lists the columns of each group.
+  With ``token_perm`` (a permutation of the queries) row r of the groups, of base and of P^S is query
+  token_perm[r], and the result row r is written at out[..., token_perm[r], :] (the token_grid reordering done
+  inside the kernel instead of two gathers around it).
 
 Every function takes an optional ``key_bias [B, Nk]`` (float32): an additive score bias per key, shared by all
 heads and queries (a key-padding mask is 0 for kept keys and -inf for padded ones; ``key_bias_from_mask``).
@@ -82,9 +85,18 @@ def dense_attention_lse_colmass(q, k, v, scale: float, lse_prev, group_size: int
 
 
 def sparse_attention_delta(q, k, v, scale: float, indices: torch.Tensor, group_size: int,
-                           base: torch.Tensor, sign: float, out: torch.Tensor | None = None, key_bias=None):
+                           base: torch.Tensor, sign: float, out: torch.Tensor | None = None, key_bias=None,
+                           token_perm: torch.Tensor | None = None):
     """``base + sign * P^S`` with P^S renormalised over each group's selected columns; result in base.dtype,
-    written into ``out`` when given (``out`` may be ``base``)."""
+    written into ``out`` when given (``out`` may be ``base``, except with ``token_perm``)."""
+    if token_perm is not None:
+        check_token_perm(token_perm, q.shape[2], base, out)
+        delta = sparse_attention_delta(q.index_select(2, token_perm), k, v, scale, indices, group_size, base, sign,
+                                       key_bias=key_bias)
+        if out is None:
+            out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        out.index_copy_(2, token_perm.long(), delta)
+        return out
     cd = _compute_dtype(q)
     B, H, Nq, _ = q.shape
     num_groups = indices.shape[2]
@@ -103,3 +115,13 @@ def sparse_attention_delta(q, k, v, scale: float, indices: torch.Tensor, group_s
         p_s = torch.matmul(torch.softmax(s, dim=-1), v_sel)
         out[:, :, rows] = (base[:, :, rows].to(cd) + sign * p_s).to(base.dtype)
     return out
+
+
+def check_token_perm(token_perm: torch.Tensor, num_queries: int, base: torch.Tensor, out) -> None:
+    """The shared argument checks of a ``token_perm`` call (reference and kernels alike)."""
+    if token_perm.dim() != 1 or token_perm.shape[0] != num_queries or token_perm.dtype not in (torch.int32,
+                                                                                               torch.int64):
+        raise ValueError(f"token_perm must be an int32/int64 permutation of the {num_queries} queries, got "
+                         f"shape {tuple(token_perm.shape)} {token_perm.dtype}")
+    if out is not None and out.data_ptr() == base.data_ptr():
+        raise ValueError("with token_perm, out cannot be base (rows are written in another order than read)")

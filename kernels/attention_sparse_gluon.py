@@ -35,24 +35,24 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
 from chipmunk_compile.kernels.kv_ring_gluon import allocate_kv_ring as _allocate_ring
 from chipmunk_compile.kernels.kv_ring_gluon import attention_unsupported_reason
-from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile as _load_query_tile
+from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile_rows as _load_query_tile
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
 
 
 @gluon.jit
-def _consumer(Q, KB, IDX, BASE, OUT, q_smem, k_bufs, v_bufs, ready_bars, empty_bars,
+def _consumer(Q, KB, IDX, BASE, OUT, PERM, q_smem, k_bufs, v_bufs, ready_bars, empty_bars,
               b, h, idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign,
               stride_qb, stride_qh, stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on,
               D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_KB: gl.constexpr,
-              OVERLAP: gl.constexpr):
+              OVERLAP: gl.constexpr, HAS_PERM: gl.constexpr):
     ROWS: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    _load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D)
+    _load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, PERM, D, HAS_PERM)
 
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -111,17 +111,21 @@ def _consumer(Q, KB, IDX, BASE, OUT, q_smem, k_bufs, v_bufs, ready_bars, empty_b
     base = gl.load(BASE + b * stride_bb + h * stride_bh + rows64 * stride_bn + offs_d[None, :], mask=row_ok,
                    other=0.0)
     out = base.to(gl.float32) + sign * (acc / l_o[:, None])
-    gl.store(OUT + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :],
+    if HAS_PERM:  # row r's result belongs to query token PERM[r] (token_grid reordering)
+        out_rows = gl.load(PERM + rows, mask=rows < row_end, other=0).to(gl.int64)[:, None]
+    else:
+        out_rows = rows64
+    gl.store(OUT + b * stride_ob + h * stride_oh + out_rows * stride_on + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok)
 
 
 @gluon.jit
-def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
+def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, PERM, stride_kbb,
                            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                            stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_bn,
                            stride_ob, stride_oh, stride_on,
                            H, kv_group, Nq, num_groups, group_size, n_sel, qk_scale, sign,
-                           D: gl.constexpr, HAS_KB: gl.constexpr, BLOCK_N: gl.constexpr,
+                           D: gl.constexpr, HAS_KB: gl.constexpr, HAS_PERM: gl.constexpr, BLOCK_N: gl.constexpr,
                            NUM_STAGES: gl.constexpr, N_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                            OVERLAP: gl.constexpr):
     g = gl.program_id(0)
@@ -144,42 +148,42 @@ def _sparse_attn_ws_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
                          stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, 0, D, BLOCK_N,
                          NUM_STAGES, True, 0)),
-            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+            (_consumer, (Q, KB, IDX, BASE, OUT, PERM, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
                          stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
-                         HAS_KB, OVERLAP)),
-            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         HAS_KB, OVERLAP, HAS_PERM)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, PERM, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0 + 64, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh,
                          stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N,
-                         NUM_STAGES, HAS_KB, OVERLAP)),
-            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(2), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         NUM_STAGES, HAS_KB, OVERLAP, HAS_PERM)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, PERM, q_bufs.index(2), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0 + 128, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh,
                          stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N,
-                         NUM_STAGES, HAS_KB, OVERLAP)),
+                         NUM_STAGES, HAS_KB, OVERLAP, HAS_PERM)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
     elif N_CONSUMERS == 2:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
                          stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, 0, D, BLOCK_N,
                          NUM_STAGES, True, 0)),
-            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+            (_consumer, (Q, KB, IDX, BASE, OUT, PERM, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
                          stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
-                         HAS_KB, OVERLAP)),
-            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+                         HAS_KB, OVERLAP, HAS_PERM)),
+            (_consumer, (Q, KB, IDX, BASE, OUT, PERM, q_bufs.index(1), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0 + 64, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh,
                          stride_qn, stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N,
-                         NUM_STAGES, HAS_KB, OVERLAP)),
+                         NUM_STAGES, HAS_KB, OVERLAP, HAS_PERM)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (K, V, IDX, k_bufs, v_bufs, ready_bars, empty_bars, b, hk, idx_row, n_sel, stride_kb,
                          stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, k_bufs, K, 0, 0, D, BLOCK_N,
                          NUM_STAGES, True, 0)),
-            (_consumer, (Q, KB, IDX, BASE, OUT, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
+            (_consumer, (Q, KB, IDX, BASE, OUT, PERM, q_bufs.index(0), k_bufs, v_bufs, ready_bars, empty_bars, b, h,
                          idx_row, row0, row_end, n_sel, kb_off, qk_scale, sign, stride_qb, stride_qh, stride_qn,
                          stride_bb, stride_bh, stride_bn, stride_ob, stride_oh, stride_on, D, BLOCK_N, NUM_STAGES,
-                         HAS_KB, OVERLAP)),
+                         HAS_KB, OVERLAP, HAS_PERM)),
         ], [4], [CONSUMER_REGS])
 
 
@@ -198,18 +202,21 @@ def supports(q, k, v, base, out, group_size: int, capability: tuple | None = Non
 
 
 def sparse_attention_delta_ws(q, k, v, scale: float, indices, group_size: int, base, sign: float, out,
-                              key_bias_scaled=None, key_bias_stride: int = 0, config: dict | None = None):
-    """Launch; the caller checked ``supports`` and prepared ``out`` and the scaled key bias."""
+                              key_bias_scaled=None, key_bias_stride: int = 0, config: dict | None = None,
+                              token_perm=None):
+    """Launch; the caller checked ``supports`` (and ``token_perm``) and prepared ``out`` and the scaled key bias."""
     B, H, Nq, D = q.shape
     Hk = k.shape[1]
     num_groups, n_sel = indices.shape[2], indices.shape[3]
     cfg = dict(_CONFIG, **(config or {}))
     kb = key_bias_scaled
     _sparse_attn_ws_kernel[(num_groups, B * H)](
-        q, k, v, indices, base, out, out if kb is None else kb, key_bias_stride,
+        q, k, v, indices, base, out, out if kb is None else kb, out if token_perm is None else token_perm,
+        key_bias_stride,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *base.stride()[:3], *out.stride()[:3],
         H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign),
-        D=D, HAS_KB=kb is not None, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"],
+        D=D, HAS_KB=kb is not None, HAS_PERM=token_perm is not None, BLOCK_N=cfg["BLOCK_N"],
+        NUM_STAGES=cfg["NUM_STAGES"],
         N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"], OVERLAP=cfg["OVERLAP"],
         num_warps=4, maxnreg=_MAXNREG)
     return out

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from chipmunk_compile.kernels.attention_dense_triton import pad_dim, scaled_key_bias
+from chipmunk_compile.kernels.attention_reference import check_token_perm
 from chipmunk_compile.kernels.dispatch import gluon_module
 from chipmunk_compile.kernels.launch import CachedLaunch
 
@@ -31,10 +32,11 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_rows(ptr, stride_b, stride_h, stride_n, stride_d, b, h, rows, row_end,
+def _load_rows(ptr, stride_b, stride_h, stride_n, stride_d, b, h, tokens, rows, row_end,
                D: tl.constexpr, D_PAD: tl.constexpr):
+    # The query rows ``rows`` of a tile, found at ``tokens`` (rows themselves without a perm).
     offs_d = tl.arange(0, D_PAD)
-    ptrs = ptr + b * stride_b + h * stride_h + rows[:, None] * stride_n + offs_d[None, :] * stride_d
+    ptrs = ptr + b * stride_b + h * stride_h + tokens[:, None] * stride_n + offs_d[None, :] * stride_d
     return tl.load(ptrs, mask=(rows[:, None] < row_end) & (offs_d[None, :] < D), other=0.0)
 
 
@@ -94,16 +96,26 @@ def _gathered_chunk(q0, q1, q2, k_base, v_base, kb_base, idx_base, start, n_sel,
 
 @triton.jit
 def _store_delta(state, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd,
-                 stride_ob, stride_oh, stride_on, stride_od, b, h, rows, row_end, sign,
+                 stride_ob, stride_oh, stride_on, stride_od, b, h, rows, out_rows, row_end, sign,
                  DV: tl.constexpr, DV_PAD: tl.constexpr):
+    # base is read at the group's rows, out written at out_rows (the same rows, or their tokens under a perm).
     m_i, l_i, acc = state
     offs_d = tl.arange(0, DV_PAD)
     mask = (rows[:, None] < row_end) & (offs_d[None, :] < DV)
     base = tl.load(BASE + b * stride_bb + h * stride_bh + rows[:, None] * stride_bn + offs_d[None, :] * stride_bd,
                    mask=mask, other=0.0)
     out = base.to(tl.float32) + sign * (acc / l_i[:, None])
-    tl.store(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :] * stride_od,
+    tl.store(OUT + b * stride_ob + h * stride_oh + out_rows[:, None] * stride_on + offs_d[None, :] * stride_od,
              out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _token_rows(PERM, rows, row_end, HAS_PERM: tl.constexpr):
+    """The query tokens of a tile's rows: rows themselves, or PERM[rows] (rows past row_end: token 0, masked)."""
+    tokens = rows
+    if HAS_PERM:
+        tokens = tl.load(PERM + rows, mask=rows < row_end, other=0).to(tl.int32)
+    return tokens
 
 
 @triton.jit
@@ -113,7 +125,7 @@ def _init_state(BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
 
 
 @triton.jit
-def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
+def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, KB, PERM, stride_kbb,
                         stride_qb, stride_qh, stride_qn, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -121,7 +133,7 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
                         stride_ob, stride_oh, stride_on, stride_od,
                         H, kv_group, Nq, num_groups, group_size, n_sel, qk_scale, sign,
                         D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                        PRECISION: tl.constexpr, HAS_KB: tl.constexpr,
+                        PRECISION: tl.constexpr, HAS_KB: tl.constexpr, HAS_PERM: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     # A program's query tile: sub-tiles of BLOCK_M, BLOCK_M1, BLOCK_M2 rows (0 = absent), stacked.
@@ -136,8 +148,9 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     row0 = g * group_size + (pid % tiles_per_group) * tile_rows
     row_end = tl.minimum(g * group_size + group_size, Nq)
     rows0 = row0 + tl.arange(0, BLOCK_M)
+    tok0 = _token_rows(PERM, rows0, row_end, HAS_PERM)
 
-    q0 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows0, row_end, D, D_PAD)
+    q0 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, tok0, rows0, row_end, D, D_PAD)
     state0 = _init_state(BLOCK_M, DV_PAD)
     # Absent sub-tiles are never touched and compile away.
     q1 = q0
@@ -146,13 +159,17 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
     state2 = state0
     rows1 = rows0
     rows2 = rows0
+    tok1 = tok0
+    tok2 = tok0
     if BLOCK_M1 > 0:
         rows1 = row0 + BLOCK_M + tl.arange(0, BLOCK_M1)
-        q1 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows1, row_end, D, D_PAD)
+        tok1 = _token_rows(PERM, rows1, row_end, HAS_PERM)
+        q1 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, tok1, rows1, row_end, D, D_PAD)
         state1 = _init_state(BLOCK_M1, DV_PAD)
     if BLOCK_M2 > 0:
         rows2 = row0 + BLOCK_M + BLOCK_M1 + tl.arange(0, BLOCK_M2)
-        q2 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, rows2, row_end, D, D_PAD)
+        tok2 = _token_rows(PERM, rows2, row_end, HAS_PERM)
+        q2 = _load_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, tok2, rows2, row_end, D, D_PAD)
         state2 = _init_state(BLOCK_M2, DV_PAD)
 
     k_base = K + b * stride_kb + hk * stride_kh
@@ -172,13 +189,13 @@ def _sparse_attn_kernel(Q, K, V, IDX, BASE, OUT, KB, stride_kbb,
                                                  HAS_KB, PRECISION)
 
     _store_delta(state0, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh, stride_on,
-                 stride_od, b, h, rows0, row_end, sign, DV, DV_PAD)
+                 stride_od, b, h, rows0, tok0, row_end, sign, DV, DV_PAD)
     if BLOCK_M1 > 0:
         _store_delta(state1, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh,
-                     stride_on, stride_od, b, h, rows1, row_end, sign, DV, DV_PAD)
+                     stride_on, stride_od, b, h, rows1, tok1, row_end, sign, DV, DV_PAD)
     if BLOCK_M2 > 0:
         _store_delta(state2, BASE, OUT, stride_bb, stride_bh, stride_bn, stride_bd, stride_ob, stride_oh,
-                     stride_on, stride_od, b, h, rows2, row_end, sign, DV, DV_PAD)
+                     stride_on, stride_od, b, h, rows2, tok2, row_end, sign, DV, DV_PAD)
 
 
 def _normalize_config(config: dict) -> dict:
@@ -217,7 +234,8 @@ _CONFIGS = [
     _cfg(128, 64, 8, 4, bm1=64),
 ]
 # The autotuner runs the kernel several times; OUT may alias BASE, so restore it after every trial.
-_sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_size", "kv_group", "Nq", "HAS_KB"],
+_sparse_attn_tuned = triton.autotune(_CONFIGS, key=["D_PAD", "DV_PAD", "group_size", "kv_group", "Nq", "HAS_KB",
+                                                    "HAS_PERM"],
                                      restore_value=["OUT"])(_sparse_attn_kernel)
 
 
@@ -231,8 +249,12 @@ def _warp_specialized_kernel():
 
 
 def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base, sign: float,
-                           out=None, config: dict | None = None, key_bias=None, kernel: str = "auto"):
+                           out=None, config: dict | None = None, key_bias=None, kernel: str = "auto",
+                           token_perm=None):
     """``base + sign * P^S`` written into ``out`` (a new tensor like base when None; may be base itself).
+
+    ``token_perm``: query row r is q[..., token_perm[r], :] and its result goes to out[..., token_perm[r], :]
+    (base stays in row order; ``attention_reference.sparse_attention_delta`` has the exact semantics).
 
     ``kernel``: "auto" takes the warp-specialised Gluon kernel where it applies (Hopper, bf16/fp16, head dim 64
     or 128, groups of up to 192 queries; ``attention_sparse_gluon.supports``), else this Triton kernel;
@@ -247,6 +269,8 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
     assert indices.shape[:2] == (B, H) and H % Hk == 0 and n_sel >= 1 and max(D, DV) <= 256
     assert base.shape == (B, H, Nq, DV)
     indices = indices.contiguous()
+    if token_perm is not None:
+        check_token_perm(token_perm, Nq, base, out)
     if out is None:
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     kb, kb_stride = scaled_key_bias(key_bias, B, k.shape[2], scale)
@@ -255,13 +279,14 @@ def sparse_attention_delta(q, k, v, scale: float, indices, group_size: int, base
         why = "this Triton has no Gluon" if ws is None else ws.supports(q, k, v, base, out, group_size)
         if why is None:
             return ws.sparse_attention_delta_ws(q, k, v, scale, indices, group_size, base, sign, out, kb, kb_stride,
-                                                config=config)
+                                                config=config, token_perm=token_perm)
         if kernel == "gluon":
             raise ValueError(f"the warp-specialised sparse attention kernel does not apply here: {why}")
-    args = (q, k, v, indices, base, out, out if kb is None else kb, kb_stride, *q.stride(), *k.stride(),
+    perm = out if token_perm is None else token_perm  # any pointer when absent (never read)
+    args = (q, k, v, indices, base, out, out if kb is None else kb, perm, kb_stride, *q.stride(), *k.stride(),
             *v.stride(), *base.stride(), *out.stride(),
             H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign))
-    meta = dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_KB=kb is not None,
+    meta = dict(D=D, DV=DV, D_PAD=pad_dim(D), DV_PAD=pad_dim(DV), HAS_KB=kb is not None, HAS_PERM=perm is not out,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and _INTERPRET:
         config = _DEFAULT_CONFIG

@@ -154,11 +154,23 @@ def allocate_kv_ring(dtype: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr
 @gluon.jit
 def load_query_tile(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, D: gl.constexpr):
     """A consumer warpgroup's 64 query rows (zeros past row_end) -> q_smem, the wgmma A operand."""
+    load_query_tile_rows(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, Q, D, False)
+
+
+@gluon.jit
+def load_query_tile_rows(Q, q_smem, b, h, row0, row_end, stride_qb, stride_qh, stride_qn, PERM,
+                         D: gl.constexpr, HAS_PERM: gl.constexpr):
+    """load_query_tile; with HAS_PERM, row r of the tile is query token PERM[r] (token_grid reordering)."""
     io_layout: gl.constexpr = row_layout(D)
     rows_io = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, io_layout))
     offs_d_io = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_io.to(gl.int64)[:, None] * stride_qn + offs_d_io[None, :]
-    q_smem.store(gl.load(q_ptrs, mask=rows_io[:, None] < row_end, other=0.0))
+    row_ok = rows_io < row_end
+    if HAS_PERM:
+        tokens = gl.load(PERM + rows_io, mask=row_ok, other=0).to(gl.int64)
+    else:
+        tokens = rows_io.to(gl.int64)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + tokens[:, None] * stride_qn + offs_d_io[None, :]
+    q_smem.store(gl.load(q_ptrs, mask=row_ok[:, None], other=0.0))
     fence_async_shared()
 
 

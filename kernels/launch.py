@@ -16,6 +16,7 @@ through JITFunction.run with the cached configuration instead (also with CHIPMUN
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -66,3 +67,9 @@ class CachedLaunch:
             runner = kernel[grid]
             constexprs = tuple(kwargs[n] for n in trailing)
         self._cache[key] = (grid, kwargs, runner, constexprs)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (persistent kernels launch one CTA per SM)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -20,7 +20,8 @@ a unit's activations over a token block are contiguous for the kernels' gathers)
                                                               a_cache[S] = act_new[S]; returns y_cache
 x may have any number of leading axes: they are flattened into the batch axis of the caches. ``perm`` /
 ``unperm`` (token_grid option; else None) reorder the tokens into spatial tiles before everything else and the
-output back after.
+output back after (at sparse steps inside the kernels: mm1 reads x rows at their tokens, mm2 writes the output
+rows there).
 """
 from __future__ import annotations
 
@@ -84,21 +85,23 @@ def mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up
         b_up: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, y_cache: torch.Tensor,
         a_cache: torch.Tensor, hbar_cache: torch.Tensor, indices: torch.Tensor, token_perm: torch.Tensor | None,
         token_unperm: torch.Tensor | None, activation: str, runtime_id: int, site_index: int) -> torch.Tensor:
-    if token_perm is None:
-        return _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation,
-                    runtime_id, site_index)
-    # Token reordering: token blocks (and the caches) in tile order; the output goes back to the model's order.
-    y = _mlp(x.index_select(-2, token_perm), w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache,
-             indices, activation, runtime_id, site_index)
-    return y.index_select(-2, token_unperm)
-
-
-def _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices, activation: str,
-         runtime_id: int, site_index: int) -> torch.Tensor:
     rt = runtime.lookup(runtime_id)
     flags = rt.site_flags(site_index)
     plan = choose_plan(rt, flags)
     rt.count(f"mlp:{plan}")
+    if token_perm is None or plan in ("dense", "sparse", "sparse_refresh"):
+        # Sparse steps reorder inside the kernels (x rows read, output rows written at their tokens); the plain
+        # MLP needs no reordering at all.
+        return _mlp(plan, rt, flags, x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices,
+                    token_perm, activation, site_index)
+    # Dense steps: token blocks (and the caches) in tile order; the output goes back to the model's order.
+    y = _mlp(plan, rt, flags, x.index_select(-2, token_perm), w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache,
+             hbar_cache, indices, None, activation, site_index)
+    return y.index_select(-2, token_unperm)
+
+
+def _mlp(plan: str, rt, flags, x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, indices,
+         token_perm, activation: str, site_index: int) -> torch.Tensor:
     out_shape = (*x.shape[:-1], w2.shape[0])
     if plan == "dense":
         return F.linear(hidden_units(x, w_gate, b_gate, w_up, b_up, activation), w2, b2)
@@ -117,7 +120,9 @@ def _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, in
 
     if plan == "sparse_refresh":
         num_top, num_random, _ = mlp_selection_counts(w_gate.shape[0], opts)
-        refresh_indices(xb, w_gate, b_gate, w_up, b_up, hbar_cache[inv], indices[inv], num_top, num_random,
+        # The block means are over the reordered token blocks.
+        x_blocks = xb if token_perm is None else xb.index_select(1, token_perm)
+        refresh_indices(x_blocks, w_gate, b_gate, w_up, b_up, hbar_cache[inv], indices[inv], num_top, num_random,
                         opts.mlp_token_block, rt.generator(site_index, x.device), opts.kernels)
         flags.has_indices = True
     update = implementation("sparse_mlp_update", opts.kernels, x.device)
@@ -125,7 +130,7 @@ def _mlp(x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a_cache, hbar_cache, in
         w2 = rt.derived(("w2_unit_major", site_index), w2, lambda w: w.t().contiguous().t())
     out = torch.empty(y_cache[inv].shape, dtype=x.dtype, device=x.device)
     update(xb, w_gate, b_gate, w_up, b_up, w2, activation, indices[inv], a_cache[inv].transpose(-1, -2),
-           y_cache[inv], opts.mlp_token_block, out=out)
+           y_cache[inv], opts.mlp_token_block, out=out, token_perm=token_perm)
     return out.reshape(out_shape)
 
 

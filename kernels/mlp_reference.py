@@ -84,9 +84,18 @@ def mlp_refresh_selection(hbar_new, hbar_cache, num_units: int, num_top: int, nu
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices,
-                      a_cache, y_cache, token_block: int, out=None):
+                      a_cache, y_cache, token_block: int, out=None, token_perm=None):
     """In place: y_cache += (a_new[S] - a_cache[S]) W2[:, S]^T and a_cache[S] = a_new[S], per token block;
-    ``out`` (optional) receives the updated y_cache in its own dtype."""
+    ``out`` (optional) receives the updated y_cache in its own dtype.
+
+    ``token_perm`` (token_grid reordering; needs ``out``): row r of the token blocks and caches is token
+    token_perm[r] of x, and its updated y_cache row is written to out[:, token_perm[r]]."""
+    if token_perm is not None:
+        check_mlp_token_perm(token_perm, x.shape[1], out)
+        sparse_mlp_update(x.index_select(1, token_perm), w_gate, b_gate, w_up, b_up, w2, activation, indices,
+                          a_cache, y_cache, token_block)
+        out.index_copy_(1, token_perm.long(), y_cache.to(out.dtype))
+        return
     cd = _compute_dtype(x)
     B, N, _ = x.shape
     nb = indices.shape[1]
@@ -105,3 +114,13 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
             a_cache[b, rows, sel] = a_new.to(a_cache.dtype)
     if out is not None:
         out.copy_(y_cache)
+
+
+def check_mlp_token_perm(token_perm: torch.Tensor, num_tokens: int, out) -> None:
+    """The shared argument checks of a ``token_perm`` call (reference and kernels alike)."""
+    if token_perm.dim() != 1 or token_perm.shape[0] != num_tokens or token_perm.dtype not in (torch.int32,
+                                                                                              torch.int64):
+        raise ValueError(f"token_perm must be an int32/int64 permutation of the {num_tokens} tokens, got shape "
+                         f"{tuple(token_perm.shape)} {token_perm.dtype}")
+    if out is None:
+        raise ValueError("token_perm needs out (the caches stay in the reordered order; out gets the tokens back)")

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from chipmunk_compile.kernels.dispatch import gluon_module
+from chipmunk_compile.kernels.mlp_reference import check_mlp_token_perm
 from chipmunk_compile.kernels.launch import CachedLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -67,12 +68,23 @@ def _tile_coords(pid, n_t, n_o, GROUP_T: tl.constexpr):
 
 
 @triton.jit
-def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
+def _token_rows(PERM, rows, row_ok, HAS_PERM: tl.constexpr):
+    """The tokens of x / the output at the caches' rows: rows themselves, or PERM[rows] (token_grid reordering;
+    rows outside the sequence read token 0 and are masked)."""
+    tokens = rows
+    if HAS_PERM:
+        tokens = tl.load(PERM + rows, mask=row_ok, other=0).to(rows.dtype)
+    return tokens
+
+
+@triton.jit
+def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA, PERM,
                     stride_xb, stride_xn, stride_xc, stride_wgf, stride_wgc, stride_wuf, stride_wuc,
                     stride_ab, stride_an, stride_af,
                     N, C, nb, n_sel, token_block,
                     HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_C: tl.constexpr, FULL_T: tl.constexpr, GROUP_T: tl.constexpr,
+                    HAS_PERM: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, EPI_SPLIT: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     tiles_per_block = tl.cdiv(token_block, BLOCK_T)
@@ -87,7 +99,8 @@ def _mlp_mm1_kernel(X, WG, BG, WU, BU, IDX, ACACHE, DELTA,
     units = tl.load(IDX + sel_base + offs_f, mask=f_ok, other=0).to(tl.int64)
 
     offs_c = tl.arange(0, BLOCK_C)
-    x_ptrs = X + b * stride_xb + rows[:, None] * stride_xn + offs_c[None, :] * stride_xc
+    x_rows = _token_rows(PERM, rows, row_ok, HAS_PERM)
+    x_ptrs = X + b * stride_xb + x_rows[:, None] * stride_xn + offs_c[None, :] * stride_xc
     wg_ptrs = WG + units[None, :] * stride_wgf + offs_c[:, None] * stride_wgc
     wu_ptrs = WU + units[None, :] * stride_wuf + offs_c[:, None] * stride_wuc
     acc_g = tl.zeros([BLOCK_T, BLOCK_F], tl.float32)
@@ -162,11 +175,12 @@ def _mm1_epilogue(h, up, first, WIDTH: tl.constexpr, rows, local, row_ok, b, sel
 
 
 @triton.jit
-def _mlp_mm2_kernel(DELTA, IDX, W2, Y, OUT,
+def _mlp_mm2_kernel(DELTA, IDX, W2, Y, OUT, PERM,
                     stride_w2o, stride_w2f, stride_yb, stride_yn, stride_yo, stride_ob, stride_on, stride_oo,
                     N, Dout, nb, n_sel, token_block,
                     PRECISION: tl.constexpr, GROUP_T: tl.constexpr, FULL_T: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, Y_ATOMIC: tl.constexpr, HAS_OUT: tl.constexpr,
+                    HAS_PERM: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, EPI_SPLIT: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     tiles_per_block = tl.cdiv(token_block, BLOCK_T)
@@ -197,8 +211,9 @@ def _mlp_mm2_kernel(DELTA, IDX, W2, Y, OUT,
                         other=0.0)
         acc = tl.dot(d, w, acc, input_precision=PRECISION)
 
-    args = (rows, row_ok, b, Y, OUT, stride_yb, stride_yn, stride_yo, stride_ob, stride_on, stride_oo, Dout,
-            Y_ATOMIC, HAS_OUT)
+    out_rows = _token_rows(PERM, rows, row_ok, HAS_PERM)
+    args = (rows, out_rows, row_ok, b, Y, OUT, stride_yb, stride_yn, stride_yo, stride_ob, stride_on, stride_oo,
+            Dout, Y_ATOMIC, HAS_OUT)
     first = pid_d * BLOCK_D
     if EPI_SPLIT == 1:
         _mm2_epilogue(acc, first, BLOCK_D, *args)
@@ -210,9 +225,10 @@ def _mlp_mm2_kernel(DELTA, IDX, W2, Y, OUT,
 
 
 @triton.jit
-def _mm2_epilogue(acc, first, WIDTH: tl.constexpr, rows, row_ok, b, Y, OUT, stride_yb, stride_yn, stride_yo,
-                  stride_ob, stride_on, stride_oo, Dout, Y_ATOMIC: tl.constexpr, HAS_OUT: tl.constexpr):
-    """Output columns [first, first + WIDTH) of an mm2 tile: y_cache += acc, and the op's output."""
+def _mm2_epilogue(acc, first, WIDTH: tl.constexpr, rows, out_rows, row_ok, b, Y, OUT, stride_yb, stride_yn,
+                  stride_yo, stride_ob, stride_on, stride_oo, Dout, Y_ATOMIC: tl.constexpr, HAS_OUT: tl.constexpr):
+    """Output columns [first, first + WIDTH) of an mm2 tile: y_cache += acc, and the op's output (its rows at
+    out_rows)."""
     offs_o = first + tl.arange(0, WIDTH)
     o_ok = offs_o < Dout
     y_ptrs = Y + b * stride_yb + rows[:, None] * stride_yn + offs_o[None, :] * stride_yo
@@ -224,7 +240,7 @@ def _mm2_epilogue(acc, first, WIDTH: tl.constexpr, rows, row_ok, b, Y, OUT, stri
         y_new = (tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(Y.dtype.element_ty)
         tl.store(y_ptrs, y_new, mask=mask)
     if HAS_OUT:  # the op's output, y_cache in the activations' dtype, without a second pass over y_cache
-        o_ptrs = OUT + b * stride_ob + rows[:, None] * stride_on + offs_o[None, :] * stride_oo
+        o_ptrs = OUT + b * stride_ob + out_rows[:, None] * stride_on + offs_o[None, :] * stride_oo
         tl.store(o_ptrs, y_new.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -299,9 +315,11 @@ def _grid2(grid_t, dout, B):
 
 
 def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indices, a_cache, y_cache,
-                      token_block: int, config: dict | None = None, kernel: str = "auto", out=None):
+                      token_block: int, config: dict | None = None, kernel: str = "auto", out=None, token_perm=None):
     """In place: y_cache[block] += (a_new[S] - a_cache[block, S]) W2[:, S]^T; a_cache[block, S] = a_new[S];
     ``out`` (optional, [B, N, Dout] in any float dtype) receives the updated y_cache from mm2's epilogue.
+    ``token_perm`` (needs ``out``): cache row r is token token_perm[r] of x and of out (token_grid reordering
+    inside the kernels; ``mlp_reference.sparse_mlp_update`` has the exact semantics).
 
     ``config`` = {"mm1": {...}, "mm2": {...}} forces launch configurations (tests); by default the GPU
     autotunes and the interpreter uses small fixed configurations. ``kernel`` "auto" / "triton" run both GEMMs
@@ -309,8 +327,10 @@ def sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, activation: str, indice
     kept opt-in because it measured within +-6 % of this one (``benchmarks/mlp_ws.py``).
     """
     assert kernel in ("auto", "triton", "gluon"), kernel
+    if token_perm is not None:
+        check_mlp_token_perm(token_perm, x.shape[1], out)
     _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
-            kernel=kernel, out=out)
+            kernel=kernel, out=out, token_perm=token_perm)
 
 
 def _warp_specialized_mm2():
@@ -319,7 +339,7 @@ def _warp_specialized_mm2():
 
 
 def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_cache, token_block, config,
-            run_mm1=True, run_mm2=True, delta=None, kernel="auto", out=None):
+            run_mm1=True, run_mm2=True, delta=None, kernel="auto", out=None, token_perm=None):
     """Both GEMMs (or one of them, for benchmarks: ``delta`` then carries mm1's output between calls)."""
     B, N, C = x.shape
     nb, n_sel = indices.shape[1], indices.shape[2]
@@ -337,17 +357,19 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
     grid_t = nb * triton.cdiv(token_block, block_t)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     w_up_arg = w_up if gated else w_gate
+    perm = indices if token_perm is None else token_perm  # any pointer when absent (never read)
     mm1_args = (x, w_gate, w_gate if b_gate is None else b_gate, w_up_arg, w_up_arg if b_up is None else b_up,
-                indices, a_cache, delta, *x.stride(), *w_gate.stride(), *w_up_arg.stride(), *a_cache.stride(),
+                indices, a_cache, delta, perm, *x.stride(), *w_gate.stride(), *w_up_arg.stride(), *a_cache.stride(),
                 N, C, nb, n_sel, token_block)
     mm1_meta = dict(HAS_BG=b_gate is not None, GATED=gated, HAS_BU=b_up is not None,
-                    ACT=_ACTIVATIONS[activation], PRECISION=precision, BLOCK_T=block_t)
+                    ACT=_ACTIVATIONS[activation], PRECISION=precision, BLOCK_T=block_t,
+                    HAS_PERM=token_perm is not None)
     if out is not None:
         assert out.shape == y_cache.shape, (tuple(out.shape), tuple(y_cache.shape))
     mm2_out = y_cache if out is None else out
-    mm2_args = (delta, indices, w2, y_cache, mm2_out, *w2.stride(), *y_cache.stride(), *mm2_out.stride(), N, Dout,
+    mm2_args = (delta, indices, w2, y_cache, mm2_out, perm, *w2.stride(), *y_cache.stride(), *mm2_out.stride(), N, Dout,
                 nb, n_sel, token_block)
-    mm2_meta = dict(PRECISION=precision, BLOCK_T=block_t, HAS_OUT=out is not None)
+    mm2_meta = dict(PRECISION=precision, BLOCK_T=block_t, HAS_OUT=out is not None, HAS_PERM=token_perm is not None)
     ws = None
     if kernel == "gluon" and run_mm2:
         ws = _warp_specialized_mm2()
@@ -370,6 +392,8 @@ def _launch(x, w_gate, b_gate, w_up, b_up, w2, activation, indices, a_cache, y_c
             _mm2[_grid2(grid_t, Dout, B)(c2)](*mm2_args, **mm2_meta, **c2)
     if run_mm2 and ws is not None:  # after mm1: it reads mm1's deltas
         ws.mm2_ws(delta, indices, w2, y_cache)
-        if out is not None:
+        if token_perm is not None:
+            out.index_copy_(1, token_perm.long(), y_cache.to(out.dtype))
+        elif out is not None:
             out.copy_(y_cache)
     return delta

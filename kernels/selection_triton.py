@@ -27,7 +27,6 @@ top entries first in increasing position order, then the random ones. The interp
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -35,6 +34,7 @@ import triton.language as tl
 
 from chipmunk_compile.kernels import mlp_reference
 from chipmunk_compile.kernels import selection_reference as reference
+from chipmunk_compile.kernels.launch import sm_count
 
 
 @triton.jit
@@ -166,9 +166,6 @@ NUM_WARPS = None
 STORE_ENTRIES_PER_THREAD = None
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _launch_shape(rows: int, block: int, device: torch.device) -> tuple[int, int]:
@@ -177,7 +174,7 @@ def _launch_shape(rows: int, block: int, device: torch.device) -> tuple[int, int
     0.079 / 0.083 ms at 16 warps with one entry per thread (each chunk costs two block-wide scans and two sums:
     24 chunks became 6); 16 warps with 4 entries: 0.071 / 0.075; whole-row chunks: 0.093 / 0.097. At most 64 keys
     per thread (register budget). Many rows (576 attention rows of 4608): 4 warps, one entry per thread."""
-    few_rows = device.type == "cuda" and rows <= 2 * _sm_count(device.index or 0)
+    few_rows = device.type == "cuda" and rows <= 2 * sm_count(device.index or 0)
     warps = NUM_WARPS if NUM_WARPS is not None else max(4, min(16, block // 2048))
     per_thread = STORE_ENTRIES_PER_THREAD if STORE_ENTRIES_PER_THREAD is not None else (8 if few_rows else 1)
     return warps, min(block, 32 * warps * per_thread)

@@ -154,6 +154,35 @@ def test_sparse_all_columns_is_dense():
     _close(out, o, torch.float32, "all columns")
 
 
+@pytest.mark.parametrize("config", [None, {"BLOCK_M": 32, "BLOCK_M1": 16, "BLOCK_N": 16, "num_warps": 4,
+                                             "num_stages": 1}])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_sparse_attention_delta_with_token_perm(nan_empty, config, idx_dtype):
+    """token_perm (the token_grid reordering inside the kernel): row r of the groups is query token perm[r] and
+    its result lands at token perm[r]; base stays in row order. Checked against the reference's definition and
+    against doing the two gathers around a call without the perm (what the op did before)."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, Hk, N, D, G, K = 2, 2, 1, 150, 16, 48, 21
+    q, k, v = _qkv(B, H, Hk, N, D, D, torch.float32, gen)
+    perm = torch.randperm(N, generator=gen).to(idx_dtype)
+    indices = _indices(B, H, -(-N // G), N, K, gen, torch.int32)
+    base = torch.randn(B, N, H, D, generator=gen).transpose(1, 2)
+    kr, vr = _expand(k, H), _expand(v, H)
+    expected = attn_ref.sparse_attention_delta(q.double(), kr, vr, 0.3, indices, G, base.double(), 1.0,
+                                               token_perm=perm)
+    unperm = torch.argsort(perm.long())
+    around = attn_ref.sparse_attention_delta(q.double()[:, :, perm.long()], kr, vr, 0.3, indices, G,
+                                             base.double(), 1.0)[:, :, unperm]
+    assert torch.equal(expected, around)
+    out = torch.full((B, N, H, D), float("nan")).transpose(1, 2)  # token-major, as the op allocates it
+    sparse_tr.sparse_attention_delta(q, k, v, 0.3, indices, G, base, 1.0, out=out, config=config, token_perm=perm)
+    _close(out, expected, torch.float32, "out with token_perm")
+    with pytest.raises(ValueError, match="out cannot be base"):
+        sparse_tr.sparse_attention_delta(q, k, v, 0.3, indices, G, base, 1.0, out=base, token_perm=perm)
+    with pytest.raises(ValueError, match="permutation of the 150 queries"):
+        sparse_tr.sparse_attention_delta(q, k, v, 0.3, indices, G, base, 1.0, token_perm=perm[:-1])
+
+
 def _anchor(lse, shift):
     """The softmax anchor handed to the kernels: the true LSE moved by ``shift`` nats (or a mix per row)."""
     if shift == "mixed":
@@ -356,6 +385,46 @@ def test_sparse_mlp_update(nan_empty, B, N, C, F, Dout, T, K, act, gated, dtype,
     _close(a, a_ref, dtype, "a_cache")
     _close(y, y_ref, dtype, "y_cache")
     assert torch.equal(out, y.to(dtype))
+
+
+@pytest.mark.parametrize("gated,dtype", [(False, torch.float32), (True, torch.float16)])
+def test_sparse_mlp_update_with_token_perm(nan_empty, gated, dtype):
+    """token_perm (token_grid reordering inside mm1 / mm2): cache row r is token perm[r] of x and of out. Equal to
+    gathering x, updating without the perm and scattering y_cache back (what the op did before), and to the
+    reference's definition."""
+    gen = torch.Generator().manual_seed(23)
+    B, N, C, F, Dout, T, K = 2, 45, 24, 40, 20, 16, 9
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(dtype)
+
+    x = rnd(B, N, C)
+    w_gate, b_gate = rnd(F, C, s=C ** -0.5), rnd(F)
+    w_up, b_up = (rnd(F, C, s=C ** -0.5), rnd(F)) if gated else (None, None)
+    w2 = rnd(Dout, F, s=F ** -0.5)
+    nb = -(-N // T)
+    indices = torch.stack([torch.randperm(F, generator=gen)[:K].sort().values for _ in range(B * nb)]).view(B, nb, K)
+    perm = torch.randperm(N, generator=gen)
+    a0, y0 = rnd(B, N, F), torch.randn(B, N, Dout, generator=gen)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    a_ref, y_ref = a0.double(), y0.double()
+    mlp_ref.sparse_mlp_update(x.double()[:, perm], w_gate.double(), b_gate.double(), d(w_up), d(b_up), w2.double(),
+                              "gelu_tanh", indices, a_ref, y_ref, T)
+    a_def, y_def, out_def = a0.double(), y0.double(), torch.empty(B, N, Dout, dtype=torch.float64)
+    mlp_ref.sparse_mlp_update(x.double(), w_gate.double(), b_gate.double(), d(w_up), d(b_up), w2.double(),
+                              "gelu_tanh", indices, a_def, y_def, T, out=out_def, token_perm=perm)
+    assert torch.equal(y_def, y_ref) and torch.equal(a_def, a_ref)
+    assert torch.equal(out_def[:, perm], y_ref)
+    a, y = a0.clone(), y0.clone()
+    out = torch.full((B, N, Dout), float("nan"), dtype=dtype)
+    mlp_tr.sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, "gelu_tanh", indices.int(), a, y, T, out=out,
+                             token_perm=perm.int())
+    _close(a, a_ref, dtype, "a_cache")
+    _close(y, y_ref, dtype, "y_cache")
+    assert torch.equal(out[:, perm], y.to(dtype))
+    with pytest.raises(ValueError, match="token_perm needs out"):
+        mlp_tr.sparse_mlp_update(x, w_gate, b_gate, w_up, b_up, w2, "gelu_tanh", indices.int(), a, y, T,
+                                 token_perm=perm)
 
 
 def test_sparse_mlp_without_biases():

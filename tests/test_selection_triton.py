@@ -117,7 +117,7 @@ def test_mlp_refresh_matches_reference(monkeypatch, paths, dtype, index_dtype, e
 
 
 def test_launch_shape_keeps_keys_per_thread_within_the_register_budget(monkeypatch):
-    monkeypatch.setattr(sel_tr, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(sel_tr, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     # An MLP refresh (few rows): 8 warps, store chunks of 8 entries per thread; wider rows take more warps.
     assert sel_tr._launch_shape(36, 16384, cuda) == (8, 2048)
