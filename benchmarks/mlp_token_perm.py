@@ -6,7 +6,7 @@ output rows there. For FLUX-width shapes (3072 -> 12288 -> 3072, GELU-tanh, bf16
   - check: both ways give the same caches and output (bitwise: the same arithmetic on the same rows), and
     agree with the float32 reference;
   - time (CUDA-graph replays): a sparse step (no refresh) with gathers around, with token_perm, and without any
-    reordering.
+    reordering; and a refresh's block means of the reordered tokens from a gathered copy vs one averaging GEMM.
 Prints a table; writes mlp_token_perm_<gpu>.json to $OUT or benchmarks/results.
 Usage: python benchmarks/mlp_token_perm.py [--quick]
 """
@@ -76,6 +76,24 @@ def run(N, sparsity, quick, C=3072, Fh=12288):
                gathers_ms=graph_ms(lambda: around(a, y, out), quick),
                in_kernel_ms=graph_ms(lambda: inside(a, y, out), quick),
                no_reordering_ms=graph_ms(lambda: plain(a, y, out), quick))
+    # A refresh step's block means of the reordered tokens: a gathered copy of x then the mean (up to session
+    # 10), against one averaging GEMM over x in model order (``block_averaging_matrix``); both then scored.
+    averaging = mlp_ref.block_averaging_matrix(perm, TOKEN_BLOCK, BF16)
+    means_gemm = mlp_ref.block_mean_preactivation(x, w1, b1, None, None, TOKEN_BLOCK, weight_dtype_out=True,
+                                                  averaging=averaging)
+    means_copy = mlp_ref.block_mean_preactivation(x.index_select(1, perm), w1, b1, None, None, TOKEN_BLOCK,
+                                                  weight_dtype_out=True)
+    row.update(block_means_rel_diff=rel_err(means_gemm, means_copy),
+               block_means_gather_ms=graph_ms(lambda: x.index_select(1, perm).view(1, nb, TOKEN_BLOCK, C).mean(
+                   2, dtype=torch.float32).to(BF16), quick),
+               block_means_gemm_ms=graph_ms(lambda: torch.matmul(averaging, x), quick),
+               hbar_gather_ms=graph_ms(lambda: mlp_ref.block_mean_preactivation(
+                   x.index_select(1, perm), w1, b1, None, None, TOKEN_BLOCK, weight_dtype_out=True), quick),
+               hbar_gemm_ms=graph_ms(lambda: mlp_ref.block_mean_preactivation(
+                   x, w1, b1, None, None, TOKEN_BLOCK, weight_dtype_out=True, averaging=averaging), quick))
+    print(f"  refresh block means: gather + mean {row['block_means_gather_ms']:.4f} ms, averaging GEMM "
+          f"{row['block_means_gemm_ms']:.4f} ms; with the scoring GEMM {row['hbar_gather_ms']:.4f} vs "
+          f"{row['hbar_gemm_ms']:.4f} ms; rel diff {row['block_means_rel_diff']:.1e}", flush=True)
     print(f"{row['shape']:36s} {sparsity:4.2f}  gathers around {row['gathers_ms']:7.3f} ms  in kernels "
           f"{row['in_kernel_ms']:7.3f} ms  no reordering {row['no_reordering_ms']:7.3f} ms  bitwise equal {exact}  "
           f"rel err vs float32 reference {err:.1e}", flush=True)

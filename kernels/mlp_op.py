@@ -32,7 +32,8 @@ import torch
 from chipmunk_compile import runtime
 from chipmunk_compile.kernels.dispatch import implementation
 from chipmunk_compile.kernels.op_registration import register_stateful_op
-from chipmunk_compile.kernels.mlp_reference import ACTIVATIONS, block_mean_preactivation, hidden_units
+from chipmunk_compile.kernels.mlp_reference import (ACTIVATIONS, ACTIVATIONS_INPLACE, block_averaging_matrix,
+                                                   block_mean_preactivation, hidden_units)
 
 import torch.nn.functional as F
 
@@ -49,10 +50,12 @@ def mlp_selection_counts(num_units: int, options) -> tuple[int, int, int]:
 
 
 def refresh_indices(xb, w_gate, b_gate, w_up, b_up, hbar_cache, indices, num_top: int, num_random: int,
-                    token_block: int, generator, kernels: str = "auto"):
+                    token_block: int, generator, kernels: str = "auto", averaging=None):
     """A refresh step's selection, in place: indices [B, nb, K] <- the top ``num_top`` units by the change of
-    their block-mean pre-activation plus ``num_random`` random ones; hbar_cache [B, nb, P*F] refreshed for them."""
-    hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, token_block, weight_dtype_out=True)
+    their block-mean pre-activation plus ``num_random`` random ones; hbar_cache [B, nb, P*F] refreshed for them.
+    ``averaging``: the token_grid blocks' averaging matrix (``block_averaging_matrix``) over xb in model order."""
+    hbar_new = block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, token_block, weight_dtype_out=True,
+                                        averaging=averaging)
     select = implementation("mlp_refresh_selection", kernels, xb.device)
     select(hbar_new, hbar_cache, w_gate.shape[0], num_top, num_random, generator, out=indices)
 
@@ -68,12 +71,20 @@ def choose_plan(rt, flags) -> str:
     return "sparse"
 
 
-def _unit_major_hidden(x, w_gate, b_gate, w_up, b_up, activation):
-    """act(W x^T + b) as [F, N] for one sequence x [N, C] (the transposed hidden activations)."""
-    def project(w, b):
-        return torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())
-    a = ACTIVATIONS[activation](project(w_gate, b_gate))
-    return a * project(w_up, b_up) if w_up is not None else a
+def _unit_major_hidden_into(out, x, w_gate, b_gate, w_up, b_up, activation):
+    """out [F, N] = act(W x^T + b) for one sequence x [N, C] (the transposed hidden activations), computed in
+    place in ``out`` (the activation cache: no temporary of the cache's size and no copy into it)."""
+    def project(w, b, into=None):
+        if b is None:
+            return torch.mm(w, x.t(), out=into)
+        return torch.addmm(b.unsqueeze(1), w, x.t(), out=into)
+    if out.dtype != x.dtype or not out.is_contiguous():  # (the op's caches always qualify; kept general)
+        a = ACTIVATIONS[activation](project(w_gate, b_gate))
+        out.copy_(a * project(w_up, b_up) if w_up is not None else a)
+        return
+    ACTIVATIONS_INPLACE[activation](project(w_gate, b_gate, out))
+    if w_up is not None:
+        out.mul_(project(w_up, b_up))
 
 
 def as_token_batches(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +122,7 @@ def _mlp(plan: str, rt, flags, x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a
         # Computed unit-major (a^T = act(W x^T + b)), straight into the activation cache: no transposing copy.
         a_t = a_cache[inv]
         for b in range(xb.shape[0]):
-            a_t[b].copy_(_unit_major_hidden(xb[b], w_gate, b_gate, w_up, b_up, activation))
+            _unit_major_hidden_into(a_t[b], xb[b], w_gate, b_gate, w_up, b_up, activation)
         y = F.linear(a_t.transpose(-1, -2), w2, b2)
         y_cache[inv].copy_(y)
         hbar_cache[inv].copy_(block_mean_preactivation(xb, w_gate, b_gate, w_up, b_up, opts.mlp_token_block))
@@ -120,10 +131,17 @@ def _mlp(plan: str, rt, flags, x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a
 
     if plan == "sparse_refresh":
         num_top, num_random, _ = mlp_selection_counts(w_gate.shape[0], opts)
-        # The block means are over the reordered token blocks.
-        x_blocks = xb if token_perm is None else xb.index_select(1, token_perm)
+        # The block means are over the reordered token blocks: one averaging GEMM over x where that is exact,
+        # else the mean of a reordered copy.
+        x_blocks, averaging = xb, None
+        if token_perm is not None:
+            # Keyed by the token count: the sites of one token count share one permutation buffer.
+            averaging = rt.derived(("block_averaging", token_perm.shape[0], x.dtype), token_perm,
+                                   lambda perm: block_averaging_matrix(perm, opts.mlp_token_block, x.dtype))
+            if averaging is None:
+                x_blocks = xb.index_select(1, token_perm)
         refresh_indices(x_blocks, w_gate, b_gate, w_up, b_up, hbar_cache[inv], indices[inv], num_top, num_random,
-                        opts.mlp_token_block, rt.generator(site_index, x.device), opts.kernels)
+                        opts.mlp_token_block, rt.generator(site_index, x.device), opts.kernels, averaging)
         flags.has_indices = True
     update = implementation("sparse_mlp_update", opts.kernels, x.device)
     if x.is_cuda:

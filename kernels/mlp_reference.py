@@ -23,6 +23,13 @@ ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
 }
+# The same activations in place (same kernels, same results), for outputs written straight into a cache.
+ACTIVATIONS_INPLACE = {
+    "gelu": lambda h: torch.ops.aten.gelu_.default(h),
+    "gelu_tanh": lambda h: torch.ops.aten.gelu_.default(h, approximate="tanh"),
+    "silu": lambda h: F.silu(h, inplace=True),
+    "relu": lambda h: F.relu(h, inplace=True),
+}
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -41,9 +48,27 @@ def hidden_units(x, w_gate, b_gate, w_up, b_up, activation: str):
     return a
 
 
-def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int, weight_dtype_out: bool = False):
+def block_averaging_matrix(token_perm: torch.Tensor, token_block: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """[nb, N] with 1 / token_block at (block of r, token_perm[r]): its product with x [B, N, C] is the block
+    means of the reordered tokens in one GEMM pass over x (no gathered copy of x). Only where that is exact:
+    whole blocks and a power-of-two block (1 / token_block exact in any float dtype); else None."""
+    N = token_perm.shape[0]
+    if N % token_block or token_block & (token_block - 1):
+        return None
+    nb = N // token_block
+    blocks = torch.arange(nb, device=token_perm.device).repeat_interleave(token_block)
+    averaging = torch.zeros(nb, N, dtype=dtype, device=token_perm.device)
+    averaging[blocks, token_perm.long()] = 1.0 / token_block
+    return averaging
+
+
+def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int, weight_dtype_out: bool = False,
+                             averaging: torch.Tensor | None = None):
     """Block means of the pre-activations, float32 [B, nb, F] or [B, nb, 2F] (gate then up); in the weights'
-    dtype (the scoring GEMM's own output, one conversion less) with ``weight_dtype_out``."""
+    dtype (the scoring GEMM's own output, one conversion less) with ``weight_dtype_out``. ``averaging``
+    (``block_averaging_matrix``): the blocks are those of the reordered tokens, averaged by one GEMM with
+    float32 accumulation rounded once to the weights' dtype (the same rounding as the float32 mean then cast,
+    up to the order of the sums)."""
     cd = _compute_dtype(x)
     B, N, C = x.shape
     nb = -(-N // token_block)
@@ -51,7 +76,9 @@ def block_mean_preactivation(x, w_gate, b_gate, w_up, b_up, token_block: int, we
     # Means in float32 (or 64); the nb-row scoring GEMM runs in the weights' dtype, so no converted copy of
     # the weights is made at every refresh. The ragged last block is rescaled with a Python scalar: writing a
     # host value into a device tensor would synchronise the stream at every call.
-    if pad:
+    if averaging is not None:
+        means = torch.matmul(averaging.to(x.dtype), x).to(cd)
+    elif pad:
         means = F.pad(x.to(cd), (0, 0, 0, pad)).reshape(B, nb, token_block, C).mean(dim=2)
         means[:, -1] *= token_block / (token_block - pad)
     else:  # accumulate in cd without a converted copy of x

@@ -61,7 +61,7 @@ def rewrite_attention(gm: fx.GraphModule, site: Site, site_index: int, runtime_i
                                      torch.zeros(inv, B, H, N, dtype=torch.float32, device=dev), out)
         indices = add_state_buffer(gm, f"{prefix}_indices",
                                    torch.zeros(inv, B, H, groups, total, dtype=torch.int32, device=dev), out)
-        perm, unperm = site_permutation(gm, dag, k, N, options, prefix, out, dev)
+        perm, unperm = site_permutation(gm, dag, k, N, options, out, dev)
     with graph.inserting_before(out):
         if three_d:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))

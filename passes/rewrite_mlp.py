@@ -66,7 +66,7 @@ def rewrite_mlp(gm: fx.GraphModule, site: Site, site_index: int, runtime_id: int
                                             device=dev), out)
         indices = add_state_buffer(gm, f"{prefix}_indices",
                                    torch.zeros(inv, batch, blocks, kept, dtype=torch.int32, device=dev), out)
-        perm, unperm = site_permutation(gm, dag, x, tokens, options, prefix, out, dev) if fx_.dim() >= 3 else (None, None)
+        perm, unperm = site_permutation(gm, dag, x, tokens, options, out, dev) if fx_.dim() >= 3 else (None, None)
     with graph.inserting_before(out):
         w_gate, b_gate = _projection(graph, hidden["gate"], num_units)
         w_up, b_up = _projection(graph, hidden["up"], num_units) if hidden["up"] else (None, None)

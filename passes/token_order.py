@@ -51,7 +51,7 @@ def tile_permutation(num_tokens: int, image_start: int, grid: tuple[int, int, in
     return perm, unperm
 
 
-def site_permutation(gm, dag, sequence_node, num_tokens: int, options, prefix: str, before, device):
+def site_permutation(gm, dag, sequence_node, num_tokens: int, options, before, device):
     """get_attr nodes (perm, unperm) of a site whose token axis has ``num_tokens`` and flows through
     ``sequence_node`` (keys for attention, the input for an MLP), registered as buffers; (None, None) when
     ``token_grid`` is off or the site's sequence is not the image grid (plus a text segment)."""
@@ -64,6 +64,17 @@ def site_permutation(gm, dag, sequence_node, num_tokens: int, options, prefix: s
     start = image_segment(num_tokens, options.token_grid, short)
     if start is None:
         return None, None
+    # One buffer pair per distinct permutation, shared by every site with it (less memory, and per-permutation
+    # derived data such as the MLP's block-averaging matrix is then built once per graph, not once per site).
+    names = (f"chipmunk_token_perm_n{num_tokens}_s{start}", f"chipmunk_token_unperm_n{num_tokens}_s{start}")
+    if hasattr(gm, names[0]):
+        nodes = []
+        for name in names:
+            with gm.graph.inserting_before(before):
+                node = gm.graph.get_attr(name)
+            node.meta["example_value"] = torch.empty_like(getattr(gm, name), device="meta")
+            nodes.append(node)
+        return tuple(nodes)
     perm, unperm = tile_permutation(num_tokens, start, options.token_grid, options.token_tile)
-    return (add_state_buffer(gm, f"{prefix}_token_perm", perm.to(device), before),
-            add_state_buffer(gm, f"{prefix}_token_unperm", unperm.to(device), before))
+    return (add_state_buffer(gm, names[0], perm.to(device), before),
+            add_state_buffer(gm, names[1], unperm.to(device), before))

@@ -93,6 +93,25 @@ def test_block_mean_preactivation_equals_mean_of_preactivation():
         assert torch.allclose(hbar[:, blk], h[:, 16 * blk:16 * (blk + 1)].mean(1), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_means_of_reordered_tokens_by_one_averaging_gemm(dtype):
+    """token_grid refresh: the block means of the reordered tokens from one GEMM over x in model order equal the
+    means of the gathered copy (float32 accumulation, one rounding to the weights' dtype)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, 8, generator=g).to(dtype)
+    w, b = torch.randn(12, 8, generator=g).to(dtype), torch.randn(12, generator=g).to(dtype)
+    perm = torch.randperm(64, generator=g)
+    averaging = mlp_ref.block_averaging_matrix(perm, 16, dtype)
+    assert averaging.shape == (4, 64) and (averaging.sum(1) == 1).all() and ((averaging > 0).sum(0) == 1).all()
+    fused = mlp_ref.block_mean_preactivation(x, w, b, None, None, 16, averaging=averaging)
+    gathered = mlp_ref.block_mean_preactivation(x[:, perm], w, b, None, None, 16)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(fused, gathered, rtol=tol, atol=tol), (fused - gathered).abs().max()
+    # Only where 1 / token_block is exact and every block is whole; the op then averages a gathered copy.
+    assert mlp_ref.block_averaging_matrix(perm, 12, dtype) is None
+    assert mlp_ref.block_averaging_matrix(perm[:60], 16, dtype) is None
+
+
 def test_selection_forced_top_random():
     scores = torch.tensor([[[0.0, 5.0, 1.0, 4.0, 3.0, 2.0, 0.5, 0.1]]])
     forced = (7, 8)
