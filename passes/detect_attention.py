@@ -39,7 +39,12 @@ def _tensor_reason(q, k, v) -> str:
         return f"unsupported dtype {fq.dtype}/{fk.dtype}/{fv.dtype} (float16, bfloat16, float32 supported)"
     if fq.device.type not in SUPPORTED_DEVICES:
         return f"unsupported device {fq.device}"
-    if any(isinstance(s, torch.SymInt) for t in (fq, fk, fv) for s in t.shape):
+    symbolic = [s for t in (fq, fk, fv) for s in t.shape if isinstance(s, torch.SymInt)]
+    if symbolic:
+        from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+        if any(free_unbacked_symbols(s) for s in symbolic):
+            return ("data-dependent sequence length (e.g. tokens selected with torch.nonzero / boolean indexing); "
+                    "a key-padding attn_mask [B, 1, 1, N] takes the sparse path instead")
         return "symbolic (dynamic) shapes; compile with dynamic=False"
     if fk.shape[-2] != fq.shape[-2]:
         return f"cross-attention ({fq.shape[-2]} queries over {fk.shape[-2]} keys from another sequence)"

@@ -458,3 +458,46 @@ def test_text_only_blocks_before_the_transformer_are_not_layers_but_a_smaller_mi
     assert _attention_layers(report) == [(None, False)] * 2 + [(0, True), (1, True), (2, True)]
     report = chipmunk_compile.explain(Hourglass().eval(), torch.randn(1, 64, 32), options={"first_dense_layers": 0})
     assert _attention_layers(report) == [(layer, True) for layer in range(6)]
+
+
+class _TokenSelectingBlock(nn.Module):
+    """Self-attention over the tokens a mask keeps, chosen with torch.nonzero (as diffusers' Mochi processor does)."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, text, keep):
+        # The image tokens and the text tokens the mask keeps: a sequence of 8 + (data-dependent) tokens.
+        kept = torch.cat([x, text.index_select(1, torch.nonzero(keep).flatten())], dim=1)
+        B, N, C = kept.shape
+        q, k, v = self.qkv(kept).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return x + self.out(o[:, :x.shape[1]])
+
+
+class _TokenSelectingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_TokenSelectingBlock() for _ in range(2))
+
+    def forward(self, x, text, keep):
+        for block in self.blocks:
+            x = block(x, text, keep)
+        return x
+
+
+def test_data_dependent_sequence_length_is_named_as_such():
+    """With Dynamo capturing nonzero (capture_dynamic_output_shape_ops), the attention's sequence length is an
+    unbacked symbol: the reason names the data-dependent selection, not dynamic shapes (which dynamic=False would
+    not change)."""
+    keep = torch.ones(6, dtype=torch.bool)
+    keep[4:] = False
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        report = chipmunk_compile.explain(_TokenSelectingModel().eval(), torch.randn(1, 8, 32), torch.randn(1, 6, 32),
+                                          keep, options={"first_dense_layers": 0})
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert len(attention) == 2 and not any(s.rewritten for s in attention)
+    assert all("data-dependent sequence length" in s.reason for s in attention), [s.reason for s in attention]
