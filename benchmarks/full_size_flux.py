@@ -14,7 +14,8 @@ Prints a table; writes full_size_flux_<gpu>.json to $OUT (or benchmarks/results)
 ``--profile``: chipmunk only; after a warm-up generation, each call of steps 10-13 of a second one (a dense step,
 sparse steps with and without the MLP refresh) under torch.profiler: the top GPU kernels, GPU time by kind and
 the host time per call (time for the call to return, GPU still working) against the step's wall time.
-Usage: python benchmarks/full_size_flux.py [--steps 50] [--profile] [--tiny (CPU smoke test of the script)]
+``--regional``: both backends compile each repeated block alone (diffusers' ``compile_repeated_blocks``).
+Usage: python benchmarks/full_size_flux.py [--steps 50] [--profile] [--regional] [--tiny (CPU smoke test of the script)]
 """
 from __future__ import annotations
 
@@ -161,6 +162,8 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tiny", action="store_true", help="small model on the CPU (checks the script, no speed)")
     p.add_argument("--profile", action="store_true", help="profile chipmunk's steps 10-13 (no Inductor run)")
+    p.add_argument("--regional", action="store_true",
+                   help="regional compilation (compile_repeated_blocks) for both backends instead of the whole model")
     a = p.parse_args()
     device, dtype = ("cpu", torch.float32) if a.tiny else ("cuda", torch.bfloat16)
     config, grid, text = (TINY, (8, 12), 16) if a.tiny else (FULL, (48, 80), 512)
@@ -180,14 +183,23 @@ def main():
             from results_io import write_results
             write_results("full_size_flux_profile", dict(options=options, steps=report))
         return
+    options = dict(num_steps=a.steps, token_grid=[1, *grid], **inner, **tiny_blocks)
     torch._dynamo.reset()
-    plain = torch.compile(model) if not a.tiny else torch.compile(model, backend="aot_eager")
+    if a.regional:  # diffusers' regional compilation: each repeated block compiled alone, with each backend
+        plain = build(config, device, dtype)
+        plain.load_state_dict(model.state_dict())
+        plain.compile_repeated_blocks(**({} if not a.tiny else {"backend": "aot_eager"}))
+        ours = model
+        ours.compile_repeated_blocks(backend="chipmunk", options=options)
+    else:
+        plain = torch.compile(model) if not a.tiny else torch.compile(model, backend="aot_eager")
+        ours = torch.compile(model, backend="chipmunk", options=options)
     row, plain_out = run("inductor", plain, inputs, a.steps, device)
     rows.append(row)
+    if a.regional:
+        del plain
     torch._dynamo.reset()
     chipmunk_compile.reset()
-    options = dict(num_steps=a.steps, token_grid=[1, *grid], **inner, **tiny_blocks)
-    ours = torch.compile(model, backend="chipmunk", options=options)
     row, ours_out = run("chipmunk", ours, inputs, a.steps, device)
     row["options"] = options
     row["stats"] = chipmunk_compile.stats(model)
@@ -206,7 +218,7 @@ def main():
           f"Inductor's by {rows[1]['rel_diff_vs_inductor_final_latents']:.3f} (relative)")
     if not a.tiny:
         from results_io import write_results
-        write_results("full_size_flux", summary)
+        write_results("full_size_flux_regional" if a.regional else "full_size_flux", dict(summary, regional=a.regional))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@
       returned callable: picks the compiled copy of the module instance it is called for (Dynamo shares one
       graph between instances of a class), calls it, advances the step counter of that copy's GraphRuntime.
 
+A graph that is one whole block (regional compilation, or per-block frames after a graph break in the block
+loop; ``passes/sites.is_one_block_graph``) is rewritten too: every block instance then has its own copy and
+runtime, and its layer (for first_dense_layers) is its rank in first-call order (``_BlockOrder``).
+
 If analysis, rewrite or the inner compile of the rewritten graph raises, the original graph is compiled
 plainly and one warning says why. Bad options raise immediately (they are the user's to fix).
 """
@@ -28,7 +32,8 @@ from chipmunk_compile.passes.detect_attention import find_attention_sites
 from chipmunk_compile.passes.detect_mlp import find_mlp_sites, site_nodes as mlp_site_nodes
 from chipmunk_compile.passes.rewrite_attention import rewrite_attention
 from chipmunk_compile.passes.rewrite_mlp import rewrite_mlp
-from chipmunk_compile.passes.sites import Site, assign_layers, repeated_containers
+from chipmunk_compile.passes.sites import (GRAPH_BLOCK, Site, assign_layers, is_one_block_graph,
+                                           mark_one_block_graph, repeated_containers)
 from chipmunk_compile.passes.state_buffers import state_bytes
 
 log = logging.getLogger("chipmunk_compile")
@@ -57,11 +62,27 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions) -> list[Site]:
-    sites = find_attention_sites(gm.graph) + find_mlp_sites(gm.graph)
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+def _find_sites(graph: fx.Graph) -> list[Site]:
+    sites = find_attention_sites(graph) + find_mlp_sites(graph)
+    order = {node: i for i, node in enumerate(graph.nodes)}
     sites.sort(key=lambda s: order[s.nodes["out"]])
+    return sites
+
+
+def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions, block_layer=None) -> list[Site]:
+    """The graph's sites with their blocks, layers and reasons. A graph that is one whole block (marked on
+    ``gm.graph``, then detected again with every node in that block) takes its layer from ``block_layer()``
+    (called once; layer 0 without it)."""
+    sites = _find_sites(gm.graph)
+    if is_one_block_graph(gm.graph, sites):
+        mark_one_block_graph(gm.graph)
+        sites = _find_sites(gm.graph)
     assign_layers(gm.graph, sites)
+    if any(site.block == GRAPH_BLOCK for site in sites):
+        layer = block_layer() if block_layer is not None else 0
+        for site in sites:
+            if site.block == GRAPH_BLOCK:
+                site.layer = layer
     under_autocast = autocast_region_nodes(gm.graph)
     for site in sites:
         if site.reason:
@@ -213,11 +234,42 @@ def _warn(message: str) -> None:
     warnings.warn(message, ChipmunkFallbackWarning, stacklevel=3)
 
 
-def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None):
-    """Rewrites and compiles one graph for one module instance: (compiled callable, runtime or None)."""
+class _BlockOrder:
+    """Layer numbers of graphs that are one block. A block's own frame does not know its index in the model
+    (its module paths start inside it), so block instances are numbered in the order they are first called: a
+    model's first forward builds its blocks in execution order (double and single blocks counted together, as
+    a whole-model graph counts them), and the first call of an already-built block instance (the model's next
+    forward, or another model's) makes the next new one layer 0 again, as for a new resolution whose blocks all
+    get new graphs. Assumes no two models run their first forwards interleaved."""
+
+    def __init__(self):
+        self.next_layer = 0
+        self.fresh = None  # the entry built last and not yet called
+
+    def take(self) -> int:
+        layer, self.next_layer = self.next_layer, self.next_layer + 1
+        return layer
+
+    def called(self, entry) -> None:
+        if entry is not self.fresh:
+            self.next_layer = 0
+        self.fresh = None
+
+
+_BLOCK_ORDER = _BlockOrder()
+
+
+def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None, plain=None):
+    """Rewrites and compiles one graph for one module instance: (compiled callable, runtime or None, whether
+    the graph is one block). ``plain(inputs)`` gives the graph compiled without rewrite (shared by instances)."""
+    if plain is None:
+        def plain(inputs):
+            return inner_compile(gm, inputs, options, torch_mode)
+    one_block = False
     try:
         rewritten = copy_graph_module(gm)
-        sites = detect_sites(rewritten, options)
+        sites = detect_sites(rewritten, options, block_layer=_BLOCK_ORDER.take)
+        one_block = any(site.block == GRAPH_BLOCK for site in sites)
         weights = [example_inputs[i] for i in module_state_inputs(gm, example_inputs)]
         rt = runtime.GraphRuntime(options, num_sites=len(sites), weights=weights)
         code_before = rewritten.code
@@ -226,7 +278,7 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         _warn(f"chipmunk: graph analysis/rewrite failed ({type(exc).__name__}: {exc}); this graph runs plain "
               f"{options.inner_backend}.")
         log.debug("chipmunk rewrite failure", exc_info=True)
-        return inner_compile(gm, example_inputs, options, torch_mode), None
+        return plain(example_inputs), None, one_block
 
     rt.site_records = [s.record() for s in sites]
     rt.state_bytes = state_bytes(rewritten)
@@ -234,18 +286,21 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     if rejected:
         _warn(f"chipmunk: {len(rejected)} site(s) left dense: {rejected[0].reason} (e.g. {rejected[0].module}).")
     if sites and all(s.block is None for s in sites):
-        _warn("chipmunk: this graph has attention/MLP computations but no repeated transformer blocks around "
-              "them, so nothing is rewritten. Either each block was compiled alone (regional compilation, "
-              "compile_repeated_blocks: compile the whole transformer instead), or a graph break Dynamo could "
-              "not resume from (e.g. .item()/nonzero in the transformer's forward, or any graph break inside "
-              "a for loop) made it skip the transformer's forward and compile its blocks as separate frames: "
-              "TORCH_LOGS=graph_breaks shows it; remove the break to run the blocks sparse.")
+        _warn("chipmunk: this graph has attention computations but neither repeated transformer blocks around "
+              "them nor a self-attention the backend can rewrite that would make it one whole block, so nothing "
+              "is rewritten (chipmunk_compile.explain shows each site). If it is part of the transformer split "
+              "off by a graph break (TORCH_LOGS=graph_breaks shows it; e.g. .item()/nonzero in the forward, or a "
+              "break inside a block's forward), remove the break to run it sparse.")
     if options.token_grid is not None and count and all(s.details.get("token_order") != "tiles"
                                                          for s in sites if s.rewritten):
         _warn(f"chipmunk: token_grid={options.token_grid} matches no site's token count in this graph (a "
               "different resolution?), so every site keeps raster token order.")
     in_blocks = [s for s in sites if s.block is not None]
-    if count == 0 and in_blocks and all(s.reason.startswith("layer ") for s in in_blocks):
+    if one_block:  # dense by first_dense_layers is then this instance's layer, nothing to warn about
+        layer = rt.block_layer = next(s.layer for s in sites if s.block == GRAPH_BLOCK)
+        log.info("chipmunk: graph %d is one transformer block (regional compilation or per-block frames): "
+                 "block instance %d in first-call order", rt.id, layer)
+    if count == 0 and in_blocks and not one_block and all(s.reason.startswith("layer ") for s in in_blocks):
         _warn(f"chipmunk: none of this graph's {len(in_blocks)} sites is rewritten: all sit in its first "
               f"{options.first_dense_layers} blocks (first_dense_layers={options.first_dense_layers}). Layers are "
               "counted per compiled graph, so a graph break inside the transformer restarts the count: remove the "
@@ -266,14 +321,14 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     if options.dump_dir:
         dump.write_graph_dump(options.dump_dir, rt.id, code_before, rewritten, sites)
     if count == 0:
-        return inner_compile(gm, example_inputs, options, torch_mode), None
+        return plain(example_inputs), None, one_block
     try:
-        return inner_compile(rewritten, example_inputs, options, torch_mode), rt
+        return inner_compile(rewritten, example_inputs, options, torch_mode), rt, one_block
     except Exception as exc:
         _warn(f"chipmunk: compiling the rewritten graph failed ({type(exc).__name__}: {exc}); this graph runs "
               f"plain {options.inner_backend}.")
         log.debug("chipmunk compile failure", exc_info=True)
-        return inner_compile(gm, example_inputs, options, torch_mode), None
+        return plain(example_inputs), None, one_block
 
 
 def _ambient_autocast() -> str | None:
@@ -340,8 +395,15 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         _warn(f"chipmunk: the chipmunk ops compute in the weights' dtype and do not follow autocast, so this "
               f"graph runs plain {options.inner_backend}: {autocast}")
         return inner_compile(gm, example_inputs, options, torch_mode)
-    compiled, rt = _build(gm, example_inputs, options, torch_mode)
-    if rt is None:
+    plain_compiled = []
+
+    def plain(inputs):  # instances left dense (first_dense_layers) share one plain compile
+        if not plain_compiled:
+            plain_compiled.append(inner_compile(gm, inputs, options, torch_mode))
+        return plain_compiled[0]
+
+    compiled, rt, one_block = _build(gm, example_inputs, options, torch_mode, plain)
+    if rt is None and not one_block:
         return compiled
 
     # Dynamo reuses one graph for every module instance with the same code and shapes (parameters are graph
@@ -349,7 +411,8 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     # (recognised by its first parameter object, or buffer without parameters) gets its own rewritten graph and
     # runtime. The object, not its address: weights moved to new memory (offloading to the CPU and back) are the
     # same model and keep their graph and caches. An instance's graph and caches are released with that object
-    # (the model deleted, or its parameters replaced), not kept until torch._dynamo.reset().
+    # (the model deleted, or its parameters replaced), not kept until torch._dynamo.reset(). A graph that is one
+    # block always comes here (even when its first instance is a dense layer): the next instance may be sparse.
     first_param = next(iter(module_state_inputs(gm, example_inputs)), None)
     instances = _Instances()
 
@@ -360,14 +423,20 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             weakref.finalize(identity, _drop_instance, weakref.ref(instances), key)
         return entry
 
-    add_instance(None if first_param is None else example_inputs[first_param], (compiled, rt))
+    first = add_instance(None if first_param is None else example_inputs[first_param], (compiled, rt))
+    if one_block:
+        _BLOCK_ORDER.fresh = first
 
     def run_with_state(*args):
         identity = None if first_param is None else args[first_param]
         entry = instances.get(None if identity is None else id(identity))
         if entry is None:
             log.info("chipmunk: graph reused for another module instance; compiling its own copy")
-            entry = add_instance(identity, _build(gm, list(args), options, torch_mode))
+            entry = add_instance(identity, _build(gm, list(args), options, torch_mode, plain)[:2])
+            if one_block:
+                _BLOCK_ORDER.fresh = entry
+        if one_block:
+            _BLOCK_ORDER.called(entry)
         fn, state = entry
         if state is None:
             return fn(*args)

@@ -58,6 +58,9 @@ class GraphRuntime:
         self.site_records: list = []      # filled by the backend after the rewrite
         self.state_bytes = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+        # A graph that is one block (regional compilation): that instance's layer, so the block instances of one
+        # graph (same site numbers) draw different random columns / units.
+        self.block_layer: int | None = None
         self._derived: dict = {}
         _RUNTIMES[self.id] = self
 
@@ -99,12 +102,13 @@ class GraphRuntime:
         return cached[1]
 
     def generator(self, site_index: int, device: torch.device) -> torch.Generator:
-        """A generator seeded by (seed, site, step): reproducible runs, fresh draws per step, the same draw for
-        every invocation and sample (so batched CFG equals separate calls)."""
+        """A generator seeded by (seed, site, step) (and the layer of a one-block graph): reproducible runs, fresh
+        draws per step, the same draw for every invocation and sample (so batched CFG equals separate calls)."""
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        key = (self.options.seed, site_index, self.step)
+        key = (self.options.seed, site_index, self.step) if self.block_layer is None else \
+            (self.options.seed, "block", self.block_layer, site_index, self.step)
         gen.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
         return gen
 

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from chipmunk_compile.passes.graph_utils import (MATMUL_TARGETS, SDPA_TARGETS, SOFTMAX_TARGETS, bind, fake,
                                                  is_call, single_user)
-from chipmunk_compile.passes.sites import Site, block_of, innermost_module
+from chipmunk_compile.passes.sites import OUTSIDE_BLOCKS, Site, block_of, innermost_module
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DEVICES = ("cpu", "cuda")
@@ -160,5 +160,5 @@ def find_attention_sites(graph: fx.Graph) -> list[Site]:
                 sites.append(site)
     for site in sites:
         if not site.reason and site.block is None:
-            site.reason = "outside the repeated transformer blocks"
+            site.reason = OUTSIDE_BLOCKS
     return sites

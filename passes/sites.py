@@ -5,6 +5,14 @@ that contains it: the module path up to the first container index (``transformer
 ``single_transformer_blocks.0``, ``blocks.7``); its *layer* is the execution-order rank of that block among
 all blocks of the graph (double and single blocks counted together). Module paths are used only as opaque
 keys and labels: their spelling differs across torch versions.
+
+A graph can also *be* one block: regional compilation (``compile_repeated_blocks``, ``block.compile()``) and
+a graph break inside the transformer's block loop give each block its own Dynamo frame, whose module paths
+start inside the block (``attn``, ``ff.net.2``). ``is_one_block_graph`` tells such a graph from a non-block part
+of a model (an embedder, a pooler or cross-attention head left in its own graph by a graph break): no lists of
+blocks, no site inside an indexed module, and a self-attention that only its place keeps dense. Its sites all
+get the block ``GRAPH_BLOCK``; their layer is given by the caller (the backend numbers block instances in the
+order they are first called, ``backend._BlockOrder``), not by the graph.
 """
 from __future__ import annotations
 
@@ -74,17 +82,43 @@ def repeated_containers(graph: fx.Graph) -> frozenset[str]:
     return repeated
 
 
+GRAPH_BLOCK = "<this graph's block>"
+OUTSIDE_BLOCKS = "outside the repeated transformer blocks"
+
+
 def block_of(node: fx.Node) -> str | None:
     """The repeated module a node runs in, as detection compares nodes (a site's nodes must share it): the
     innermost element of a list of same-class modules on its stack (``stages.1.blocks.2`` in a staged model,
-    ``models.0.blocks.3`` for a transformer held in a wrapper list); without such a list (a one-block graph),
-    the outermost indexed module. ``assign_layers`` then picks each site's transformer block from these lists."""
+    ``models.0.blocks.3`` for a transformer held in a wrapper list); without such a list (a model with one block
+    per list), the outermost indexed module; in a graph marked as one block (``mark_one_block_graph``), that
+    block (``GRAPH_BLOCK``) for every node. ``assign_layers`` then picks each site's transformer block from these
+    lists."""
+    if getattr(node.graph, "_chipmunk_one_block", False):
+        return GRAPH_BLOCK
     ancestors = _indexed_ancestors(node)
     if not ancestors:
         return None
     repeated = repeated_containers(node.graph)
     in_lists = [path for path in ancestors if path.rpartition(".")[0] in repeated]
     return in_lists[-1] if in_lists else ancestors[0]
+
+
+def is_one_block_graph(graph: fx.Graph, sites: list["Site"]) -> bool:
+    """Whether the graph is one whole transformer block compiled alone (its own Dynamo frame), judged on the
+    sites found with the ordinary block structure: the graph has no list of same-class blocks and no site inside
+    an indexed module, and at least one attention site is a self-attention (queries and keys from one sequence,
+    no unsupported mask, dtype or shape) left dense only for lying outside repeated blocks. A non-block part of a
+    model compiled alone differs: an embedder or modulation MLP has no attention, a pooler or head attends from
+    learned or few queries to other keys (cross-attention). A whole model compiled at once has lists of blocks
+    (or indexed blocks) around its sites, so its embedders and heads keep their ordinary handling."""
+    if repeated_containers(graph) or any(site.block is not None for site in sites):
+        return False
+    return any(site.kind == "attention" and site.reason == OUTSIDE_BLOCKS for site in sites)
+
+
+def mark_one_block_graph(graph: fx.Graph) -> None:
+    """From now on every node of ``graph`` runs in its one block (``block_of`` returns ``GRAPH_BLOCK``)."""
+    graph._chipmunk_one_block = True
 
 
 @dataclasses.dataclass

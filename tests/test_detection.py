@@ -501,3 +501,66 @@ def test_data_dependent_sequence_length_is_named_as_such():
     attention = [s for s in report.sites if s.kind == "attention"]
     assert len(attention) == 2 and not any(s.rewritten for s in attention)
     assert all("data-dependent sequence length" in s.reason for s in attention), [s.reason for s in attention]
+
+
+class _AttentionPoolHead(nn.Module):
+    """A head outside the blocks: learned queries attend to the tokens (cross-attention), then an MLP."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 2, 4, d // 2))
+        self.kv = nn.Linear(d, 2 * d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, h):
+        B, N, C = h.shape
+        k, v = self.kv(h).reshape(B, N, 2, 2, C // 2).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(self.query.expand(B, -1, -1, -1), k, v)
+        pooled = o.transpose(1, 2).reshape(B, 4, C)
+        return self.fc2(F.gelu(self.fc1(pooled)))
+
+
+class _TextProjection(nn.Module):
+    """A caption projection over text tokens (linear-gelu-linear, no attention), e.g. PixArt's."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+def test_a_block_compiled_alone_is_one_block_but_a_head_or_embedder_alone_is_not():
+    """Regional compilation (or a graph break in the block loop) gives a block its own graph: its self-attention
+    and MLP are sites of that one block. A graph of another part of the model compiled alone (a pooling head
+    attending from learned queries, a text projection MLP) has no self-attention and stays as it was."""
+    torch.manual_seed(0)
+    block = tiny_models.PlainBlock(32, 2, 64).eval()
+    report = chipmunk_compile.explain(block, torch.randn(1, 64, 32), torch.randn(1, 32),
+                                      options={"first_dense_layers": 0})
+    assert [(s.kind, s.rewritten, s.layer) for s in report.sites] == [("attention", True, 0), ("mlp", True, 0)]
+    head = chipmunk_compile.explain(_AttentionPoolHead().eval(), torch.randn(1, 64, 32),
+                                    options={"first_dense_layers": 0})
+    assert not head.rewritten and all(s.layer is None for s in head.sites), str(head)
+    assert "cross-attention" in head.sites[0].reason
+    text = chipmunk_compile.explain(_TextProjection().eval(), torch.randn(1, 8, 32), options={"first_dense_layers": 0})
+    assert text.sites == []
+    # in a whole model the same head keeps its ordinary handling: outside the blocks, not a site of theirs
+    class WithHead(tiny_models.PlainDiT):
+        def __init__(self):
+            super().__init__()
+            self.head = _AttentionPoolHead()
+
+        def forward(self, x, t):
+            c = self.t_embed(t[:, None])
+            h = self.embed(x)
+            for blk in self.blocks:
+                h = blk(h, c)
+            return self.head(h)
+
+    whole = chipmunk_compile.explain(WithHead().eval(), torch.randn(1, 64, 4), torch.tensor([0.5]),
+                                     options={"first_dense_layers": 0})
+    assert len(whole.rewritten) == 4 and all(s.module.startswith("blocks.") for s in whole.rewritten), str(whole)
+    assert [s.layer for s in whole.rewritten] == [0, 0, 1, 1]
+    assert [s.layer for s in whole.sites if s.module.startswith("head")] == [None]  # the head's cross-attention

@@ -1,9 +1,10 @@
-"""Cache state: per batch element, per invocation, per graph; resets; regional compilation refused."""
+"""Cache state: per batch element, per invocation, per graph; resets; regional compilation per block instance."""
 import pytest
 import torch
 
 import chipmunk_compile
 import tiny_models
+from chipmunk_compile import runtime
 from helpers import FAST, compile_chipmunk, denoise_loop, first_output, newest_runtimes, rel_err, runtime_ids
 
 
@@ -131,16 +132,72 @@ def test_two_models_side_by_side(weights):
     assert chipmunk_compile.reset(m2) == 1
 
 
+def _regional_run(options, compile_blocks, steps=4):
+    """Flux (2 double + 2 single blocks) compiled whole and block by block with the same options, driven by the
+    same slowly moving inputs: (regional outputs, whole-model outputs, eager outputs, regional model)."""
+    import copy
+    import warnings
+    model, make_inputs = tiny_models.flux(num_layers=2, num_single_layers=2)
+    regional, whole = copy.deepcopy(model), copy.deepcopy(model)
+    compile_blocks(regional, options)
+    whole_compiled = compile_chipmunk(whole, **options)
+    g = torch.Generator().manual_seed(1)
+    x0, drift = torch.randn(1, 64, 4, generator=g), torch.randn(1, 64, 4, generator=g)
+    outs = ([], [], [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", chipmunk_compile.ChipmunkFallbackWarning)
+        for s in range(steps):
+            inputs = make_inputs(size=8, step=s, latents=x0 + 0.03 * s * drift)
+            for out, fn in zip(outs, (regional, whole_compiled, model)):
+                out.append(first_output(fn(**inputs)))
+    return (*outs, regional)
+
+
+def _compile_repeated_blocks(model, options):
+    model.compile_repeated_blocks(backend="chipmunk", options={**FAST, **options})
+
+
+def _compile_each_block(model, options):
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        block.compile(backend="chipmunk", options={**FAST, **options})
+
+
 @torch.no_grad()
-def test_regional_compilation_never_shares_caches():
-    model, make_inputs = tiny_models.flux(num_layers=2, num_single_layers=0)
-    for block in model.transformer_blocks:
-        block.compile(backend="chipmunk", options=dict(FAST))
-    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="regional compilation"):
-        outs = [first_output(model(**make_inputs(size=16, step=s))) for s in range(3)]
-    model_plain, _ = tiny_models.flux(num_layers=2, num_single_layers=0)
-    for s in range(3):
-        assert rel_err(outs[s], first_output(model_plain(**make_inputs(size=16, step=s)))) < 1e-5
+@pytest.mark.parametrize("compile_blocks", [_compile_repeated_blocks, _compile_each_block])
+def test_regional_compilation_runs_sparse_per_block_instance(compile_blocks):
+    """Each block compiled alone is one block: every instance gets its own caches and step count, its layer is
+    its rank in first-call order, and without random columns/units the result equals the whole-model compile
+    (the same method and schedule)."""
+    options = dict(num_steps=4, attn_random_fraction=0.0, mlp_random_fraction=0.0)
+    regional, whole, eager, model = _regional_run(options, compile_blocks)
+    assert rel_err(regional[0], eager[0]) < 1e-5                          # step 0: dense
+    for s in range(1, 4):
+        assert rel_err(regional[s], whole[s]) < 1e-5, s
+    assert rel_err(regional[3], eager[3]) > 1e-5                          # sparse steps ran
+    infos = chipmunk_compile.stats(model)
+    assert len(infos) == 4 and [g["sites_rewritten"] for g in infos] == [3, 3, 2, 2]
+    assert all(g["plans"]["attention:sparse"] == 2 and g["step"] == 0 for g in infos)
+    layers = [{r.layer for r in runtime.lookup(g["graph"]).site_records} for g in infos]
+    assert layers == [{0}, {1}, {2}, {3}]
+    # Instances of one block graph share site numbers; their random draws differ by layer.
+    first, second = (runtime.lookup(g["graph"]) for g in infos[:2])
+    assert first.block_layer == 0 and second.block_layer == 1
+    draws = [torch.rand(8, generator=rt.generator(0, torch.device("cpu"))) for rt in (first, second)]
+    assert not torch.equal(*draws)
+
+
+@torch.no_grad()
+def test_regional_compilation_dense_mode_and_first_dense_layers():
+    regional, whole, eager, model = _regional_run(dict(num_steps=4, mode="dense"), _compile_repeated_blocks, steps=3)
+    assert all(rel_err(r, e) < 1e-5 for r, e in zip(regional, eager))
+    torch._dynamo.reset()
+    options = dict(num_steps=4, first_dense_layers=2, attn_random_fraction=0.0, mlp_random_fraction=0.0)
+    regional, whole, eager, model = _regional_run(options, _compile_repeated_blocks)
+    assert all(rel_err(r, w) < 1e-5 for r, w in zip(regional, whole))
+    # the first two block instances (the double blocks) run plain; the single blocks (layers 2, 3) sparse
+    infos = chipmunk_compile.stats(model)
+    assert len(infos) == 2 and all(g["plans"]["attention:sparse"] == 2 for g in infos)
+    assert [{r.layer for r in runtime.lookup(g["graph"]).site_records} for g in infos] == [{2}, {3}]
 
 
 def test_derived_weight_copies_follow_in_place_updates():
