@@ -170,3 +170,23 @@ def test_in_place_activation_inside_a_site_is_replaced_with_it(tmp_path):
     after = next(p for p in tmp_path.iterdir() if p.name.endswith("_after.py")).read_text()
     dense_gate = [line for line in after.splitlines() if "linear(" in line and "w_gate" in line]
     assert not dense_gate, dense_gate  # the dense gate projection would still run every step
+
+
+@pytest.mark.parametrize("act", ["geglu", "swiglu"])
+def test_gated_mlp_all_units_selected_equals_eager(act):
+    """Gated feed-forwards (GEGLU, SwiGLU): the dense fill computes act(gate) * up in place in the activation
+    cache, the sparse steps gather both projections; with every unit and column selected both are exact."""
+    from test_detection import GatedNet
+    torch.manual_seed(0)
+    model = GatedNet(act).eval()
+    xs = [torch.randn(1, 40, 32) * 0.1 + torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(s)) * 0.01
+          for s in range(6)]
+    before = runtime_ids()
+    compiled = compile_chipmunk(model, num_steps=6, attn_sparsity=0.0, mlp_sparsity=0.0, attn_random_fraction=0.0,
+                                mlp_random_fraction=0.0)
+    with torch.no_grad():
+        for step, x in enumerate(xs):
+            assert rel_err(compiled(x), model(x)) < 2e-5, (act, step)
+    counters = newest_runtimes(before)[0].site_counters
+    assert counters.get("mlp:dense_fill", 0) > 0 and counters.get("mlp:sparse", 0) + counters.get(
+        "mlp:sparse_refresh", 0) > 0, counters
