@@ -33,7 +33,7 @@ from chipmunk_compile.passes.detect_mlp import find_mlp_sites, site_nodes as mlp
 from chipmunk_compile.passes.rewrite_attention import rewrite_attention
 from chipmunk_compile.passes.rewrite_mlp import rewrite_mlp
 from chipmunk_compile.passes.sites import (GRAPH_BLOCK, Site, assign_layers, is_one_block_graph,
-                                           mark_one_block_graph, repeated_containers)
+                                           mark_one_block_graph, repeated_containers, sibling_blocks_outside_lists)
 from chipmunk_compile.passes.state_buffers import state_bytes
 
 log = logging.getLogger("chipmunk_compile")
@@ -76,7 +76,11 @@ def detect_sites(gm: fx.GraphModule, options: ChipmunkOptions, block_layer=None)
     sites = _find_sites(gm.graph)
     if is_one_block_graph(gm.graph, sites):
         mark_one_block_graph(gm.graph)
-        sites = _find_sites(gm.graph)
+        block_sites = _find_sites(gm.graph)
+        if sibling_blocks_outside_lists(block_sites):  # a whole model with its blocks as plain attributes
+            mark_one_block_graph(gm.graph, False)
+        else:
+            sites = block_sites
     assign_layers(gm.graph, sites)
     if any(site.block == GRAPH_BLOCK for site in sites):
         layer = block_layer() if block_layer is not None else 0
@@ -245,9 +249,19 @@ class _BlockOrder:
     def __init__(self):
         self.next_layer = 0
         self.fresh = None  # the entry built last and not yet called
+        self.layers: dict[int, int] = {}  # id(instance's first parameter) -> its layer, while it lives
 
-    def take(self) -> int:
+    def take(self, identity=None) -> int:
+        """The layer of the block instance recognised by ``identity`` (its first parameter): the one it got at
+        its first build when it has been numbered before (a new resolution or batch size rebuilds every
+        instance, possibly right after a single first forward), else the next one in first-call order."""
+        key = None if identity is None else id(identity)
+        if key is not None and key in self.layers:
+            return self.layers[key]
         layer, self.next_layer = self.next_layer, self.next_layer + 1
+        if key is not None:
+            self.layers[key] = layer
+            weakref.finalize(identity, self.layers.pop, key, None)
         return layer
 
     def called(self, entry) -> None:
@@ -268,9 +282,10 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     one_block = False
     try:
         rewritten = copy_graph_module(gm)
-        sites = detect_sites(rewritten, options, block_layer=_BLOCK_ORDER.take)
-        one_block = any(site.block == GRAPH_BLOCK for site in sites)
         weights = [example_inputs[i] for i in module_state_inputs(gm, example_inputs)]
+        identity = weights[0] if weights else None
+        sites = detect_sites(rewritten, options, block_layer=lambda: _BLOCK_ORDER.take(identity))
+        one_block = any(site.block == GRAPH_BLOCK for site in sites)
         rt = runtime.GraphRuntime(options, num_sites=len(sites), weights=weights)
         code_before = rewritten.code
         count = rewrite_sites(rewritten, sites, rt.id, options)
@@ -287,10 +302,12 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         _warn(f"chipmunk: {len(rejected)} site(s) left dense: {rejected[0].reason} (e.g. {rejected[0].module}).")
     if sites and all(s.block is None for s in sites):
         _warn("chipmunk: this graph has attention computations but neither repeated transformer blocks around "
-              "them nor a self-attention the backend can rewrite that would make it one whole block, so nothing "
-              "is rewritten (chipmunk_compile.explain shows each site). If it is part of the transformer split "
-              "off by a graph break (TORCH_LOGS=graph_breaks shows it; e.g. .item()/nonzero in the forward, or a "
-              "break inside a block's forward), remove the break to run it sparse.")
+              "them (a ModuleList of blocks; blocks held as separate attributes, self.b0, self.b1, are not "
+              "recognised) nor is it one whole block (a self-attention the backend can rewrite, as a block "
+              "compiled alone has), so nothing is rewritten (chipmunk_compile.explain shows each site). If it is "
+              "part of the transformer split off by a graph break (TORCH_LOGS=graph_breaks shows it; e.g. "
+              ".item()/nonzero in the forward, or a break inside a block's forward), remove the break to run it "
+              "sparse.")
     if options.token_grid is not None and count and all(s.details.get("token_order") != "tiles"
                                                          for s in sites if s.rewritten):
         _warn(f"chipmunk: token_grid={options.token_grid} matches no site's token count in this graph (a "

@@ -48,6 +48,9 @@ def hidden_units(x, w_gate, b_gate, w_up, b_up, activation: str):
     return a
 
 
+AVERAGING_MAX_BYTES = 8 * 2**20
+
+
 def block_averaging_matrix(token_perm: torch.Tensor, token_block: int, dtype: torch.dtype) -> torch.Tensor | None:
     """[nb, N] with 1 / token_block at (block of r, token_perm[r]): its product with x [B, N, C] is the block
     means of the reordered tokens in one GEMM pass over x (no gathered copy of x). Only where that is exact:
@@ -56,6 +59,11 @@ def block_averaging_matrix(token_perm: torch.Tensor, token_block: int, dtype: to
     if N % token_block or token_block & (token_block - 1):
         return None
     nb = N // token_block
+    # The matrix grows as N^2 / token_block (and is kept per graph runtime, so per block instance under regional
+    # compilation): past the cap the gathered copy is cheaper in memory and in time (the GEMM does nb * N * C
+    # MACs against the gather's N * C copy).
+    if nb * N * torch.empty((), dtype=dtype).element_size() > AVERAGING_MAX_BYTES:
+        return None
     blocks = torch.arange(nb, device=token_perm.device).repeat_interleave(token_block)
     averaging = torch.zeros(nb, N, dtype=dtype, device=token_perm.device)
     averaging[blocks, token_perm.long()] = 1.0 / token_block

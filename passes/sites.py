@@ -10,7 +10,8 @@ A graph can also *be* one block: regional compilation (``compile_repeated_blocks
 a graph break inside the transformer's block loop give each block its own Dynamo frame, whose module paths
 start inside the block (``attn``, ``ff.net.2``). ``is_one_block_graph`` tells such a graph from a non-block part
 of a model (an embedder, a pooler or cross-attention head left in its own graph by a graph break): no lists of
-blocks, no site inside an indexed module, and a self-attention that only its place keeps dense. Its sites all
+blocks, no site inside an indexed module, and a self-attention that only its place keeps dense; and not a whole
+model holding its blocks as plain attributes (``sibling_blocks_outside_lists``). Its sites all
 get the block ``GRAPH_BLOCK``; their layer is given by the caller (the backend numbers block instances in the
 order they are first called, ``backend._BlockOrder``), not by the graph.
 """
@@ -116,9 +117,27 @@ def is_one_block_graph(graph: fx.Graph, sites: list["Site"]) -> bool:
     return any(site.kind == "attention" and site.reason == OUTSIDE_BLOCKS for site in sites)
 
 
-def mark_one_block_graph(graph: fx.Graph) -> None:
-    """From now on every node of ``graph`` runs in its one block (``block_of`` returns ``GRAPH_BLOCK``)."""
-    graph._chipmunk_one_block = True
+def sibling_blocks_outside_lists(sites: list["Site"]) -> bool:
+    """Whether two or more modules of one class under one parent each hold an attention and an MLP site: a whole
+    model whose blocks are plain attributes (``self.b0``, ``self.b1``) rather than a list, which is not one block
+    (a block's own submodules, e.g. SD3.5's ``attn`` and ``attn2``, do not each hold an MLP)."""
+    kinds: dict[tuple[str, Any], set[str]] = {}
+    for site in sites:
+        for path, cls in module_stack(site.nodes["out"]):
+            if path and not _is_torch_builtin(cls):
+                kinds.setdefault((path, cls), set()).add(site.kind)
+    groups: dict[tuple[str, Any], int] = {}
+    for (path, cls), found in kinds.items():
+        if found >= {"attention", "mlp"}:
+            parent = path.rpartition(".")[0]
+            groups[(parent, cls)] = groups.get((parent, cls), 0) + 1
+    return any(count >= 2 for count in groups.values())
+
+
+def mark_one_block_graph(graph: fx.Graph, one_block: bool = True) -> None:
+    """From now on every node of ``graph`` runs in its one block (``block_of`` returns ``GRAPH_BLOCK``), or, with
+    ``one_block=False``, in the blocks its module paths say again."""
+    graph._chipmunk_one_block = one_block
 
 
 @dataclasses.dataclass

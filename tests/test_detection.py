@@ -564,3 +564,27 @@ def test_a_block_compiled_alone_is_one_block_but_a_head_or_embedder_alone_is_not
     assert len(whole.rewritten) == 4 and all(s.module.startswith("blocks.") for s in whole.rewritten), str(whole)
     assert [s.layer for s in whole.rewritten] == [0, 0, 1, 1]
     assert [s.layer for s in whole.sites if s.module.startswith("head")] == [None]  # the head's cross-attention
+
+
+def test_blocks_held_as_attributes_are_not_taken_for_one_block():
+    """A whole model whose blocks are separate attributes (no block list) is not one block: treating it as one
+    would give every site layer 0 (so first_dense_layers would keep the whole model dense without a word). Its
+    sites stay outside the blocks, with the fallback warning naming the case."""
+    class AttributeBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 32)
+            self.b0, self.b1 = tiny_models.PlainBlock(32, 2, 64), tiny_models.PlainBlock(32, 2, 64)
+
+        def forward(self, x, c):
+            return self.b1(self.b0(self.embed(x), c), c)
+
+    torch.manual_seed(0)
+    model = AttributeBlocks().eval()
+    report = chipmunk_compile.explain(model, torch.randn(1, 64, 4), torch.randn(1, 32),
+                                      options={"first_dense_layers": 0})
+    assert report.sites and not report.rewritten and all(s.layer is None for s in report.sites), str(report)
+    torch._dynamo.reset()
+    with pytest.warns(chipmunk_compile.ChipmunkFallbackWarning, match="separate attributes"):
+        with torch.no_grad():
+            compile_chipmunk(model)(torch.randn(1, 64, 4), torch.randn(1, 32))

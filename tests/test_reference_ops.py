@@ -110,6 +110,8 @@ def test_block_means_of_reordered_tokens_by_one_averaging_gemm(dtype):
     # Only where 1 / token_block is exact and every block is whole; the op then averages a gathered copy.
     assert mlp_ref.block_averaging_matrix(perm, 12, dtype) is None
     assert mlp_ref.block_averaging_matrix(perm[:60], 16, dtype) is None
+    # Nor for long sequences: the matrix grows as N^2 / token_block (52 MB at N = 57600, block 128, bf16).
+    assert mlp_ref.block_averaging_matrix(torch.randperm(57600), 128, torch.bfloat16) is None
 
 
 def test_selection_forced_top_random():

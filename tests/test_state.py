@@ -389,3 +389,16 @@ def test_follow_scheduler_survives_a_deep_copy_and_follows_both_experts():
             compiled(x=x, t=(t / 1000).reshape(1))
         assert [rt.options.num_steps for rt in chipmunk_compile.runtime._runtimes_of(low)] == [steps]
         assert chipmunk_compile.stats(low)[0]["step"] == 2
+
+
+@torch.no_grad()
+def test_regional_layers_survive_a_new_resolution_after_one_forward():
+    """A block instance rebuilt for a new resolution keeps the layer it got at its first build, even when the
+    model ran a single forward before (a one-step warm-up): first_dense_layers still applies to the same blocks."""
+    model, make_inputs = tiny_models.flux(num_layers=2, num_single_layers=2)
+    _compile_repeated_blocks(model, dict(num_steps=4, first_dense_layers=2))
+    model(**make_inputs(size=8))
+    before = runtime_ids()
+    for s in range(2):
+        model(**make_inputs(size=16, step=s))
+    assert sorted(rt.block_layer for rt in newest_runtimes(before)) == [2, 3]
