@@ -28,6 +28,7 @@ from chipmunk_compile import cache_key, dump, runtime
 from chipmunk_compile.options import ChipmunkOptions
 from chipmunk_compile.passes.autocast_regions import autocast_region_nodes
 from chipmunk_compile.passes.dataflow import dataflow_graph
+from chipmunk_compile.passes.lift_state import lift_site_state
 from chipmunk_compile.passes.detect_attention import find_attention_sites
 from chipmunk_compile.passes.detect_mlp import find_mlp_sites, site_nodes as mlp_site_nodes
 from chipmunk_compile.passes.rewrite_attention import rewrite_attention
@@ -182,6 +183,10 @@ def _inplace_flag(node: fx.Node) -> bool:
         node.args[params.index("inplace")] is True
 
 
+def wants_cudagraphs(options: ChipmunkOptions, torch_mode: str | None) -> bool:
+    return options.cudagraphs or torch_mode in ("reduce-overhead", "max-autotune")
+
+
 def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None):
     if options.inner_backend == "eager":
         return gm.forward
@@ -189,7 +194,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, 
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
     patches = cache_key.inductor_config_patch()
-    if options.cudagraphs or torch_mode in ("reduce-overhead", "max-autotune"):
+    if wants_cudagraphs(options, torch_mode):
         patches["triton.cudagraphs"] = True
     if torch_mode in ("max-autotune", "max-autotune-no-cudagraphs"):
         patches["max_autotune"] = True
@@ -273,9 +278,20 @@ class _BlockOrder:
 _BLOCK_ORDER = _BlockOrder()
 
 
-def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None, plain=None):
+class _SharedCompiles(dict):
+    """The rewritten graphs one Dynamo graph compiled for its module instances, shared between them:
+    (rewritten site indices, device) -> (compiled callable taking the caches as trailing inputs, the caches'
+    (shape, dtype, device)), or None where that compile failed (its instances run the plain compile)."""
+
+
+def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None, plain=None,
+           shared: _SharedCompiles | None = None):
     """Rewrites and compiles one graph for one module instance: (compiled callable, runtime or None, whether
-    the graph is one block). ``plain(inputs)`` gives the graph compiled without rewrite (shared by instances)."""
+    the graph is one block, the instance's cache tensors to pass after the graph's inputs). ``plain(inputs)``
+    gives the graph compiled without rewrite (shared by instances). With ``shared``, an instance whose rewrite
+    has the same sites as an earlier one's reuses that compile (caches as inputs, ops bound to the caller's
+    runtime) and only gets new caches; without it (CUDA graphs), each instance compiles its own graph with its
+    caches as buffers."""
     if plain is None:
         def plain(inputs):
             return inner_compile(gm, inputs, options, torch_mode)
@@ -288,15 +304,53 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         one_block = any(site.block == GRAPH_BLOCK for site in sites)
         rt = runtime.GraphRuntime(options, num_sites=len(sites), weights=weights)
         code_before = rewritten.code
-        count = rewrite_sites(rewritten, sites, rt.id, options)
+        key = None
+        if shared is not None:
+            key = (tuple(i for i, s in enumerate(sites) if not s.reason), weights[0].device if weights else None)
+        reuse = key in shared if shared is not None else False
+        # A reused compile needs only this instance's site records: the rewrite then allocates nothing.
+        count = rewrite_sites(rewritten, sites, runtime.CALLER if shared is not None else rt.id, options,
+                              cache_device="meta" if reuse else None)
+        state = lift_site_state(rewritten)[1] if shared is not None and count and not reuse else []
     except Exception as exc:  # analysis must never break the user's model
         _warn(f"chipmunk: graph analysis/rewrite failed ({type(exc).__name__}: {exc}); this graph runs plain "
               f"{options.inner_backend}.")
         log.debug("chipmunk rewrite failure", exc_info=True)
-        return plain(example_inputs), None, one_block
+        return plain(example_inputs), None, one_block, ()
 
     rt.site_records = [s.record() for s in sites]
-    rt.state_bytes = state_bytes(rewritten)
+    rt.state_bytes = state_bytes(rewritten) + sum(t.numel() * t.element_size() for t in state)
+    if one_block:
+        rt.block_layer = next(s.layer for s in sites if s.block == GRAPH_BLOCK)
+    _report_sites(rt, sites, rewritten, count, one_block, options)
+    if options.dump_dir:
+        dump.write_graph_dump(options.dump_dir, rt.id, code_before, rewritten, sites)
+    if count == 0:
+        return plain(example_inputs), None, one_block, ()
+    if reuse:
+        if shared[key] is None:
+            return plain(example_inputs), None, one_block, ()
+        compiled, specs = shared[key]
+        log.info("chipmunk: graph %d reuses the compiled graph of an earlier module instance", rt.id)
+        return compiled, rt, one_block, tuple(torch.zeros(shape, dtype=dtype, device=device)
+                                               for shape, dtype, device in specs)
+    try:
+        compiled = inner_compile(rewritten, [*example_inputs, *state], options, torch_mode)
+    except Exception as exc:
+        if key is not None:
+            shared[key] = None
+        _warn(f"chipmunk: compiling the rewritten graph failed ({type(exc).__name__}: {exc}); this graph runs "
+              f"plain {options.inner_backend}.")
+        log.debug("chipmunk compile failure", exc_info=True)
+        return plain(example_inputs), None, one_block, ()
+    if key is not None:
+        shared[key] = (compiled, [(t.shape, t.dtype, t.device) for t in state])
+    return compiled, rt, one_block, tuple(state)
+
+
+def _report_sites(rt, sites: list[Site], rewritten: fx.GraphModule, count: int, one_block: bool,
+                  options: ChipmunkOptions) -> None:
+    """The warnings and log lines about one graph's sites (what is left dense and why)."""
     rejected = [s for s in sites if s.reason.startswith(("unsupported", "symbolic"))]
     if rejected:
         _warn(f"chipmunk: {len(rejected)} site(s) left dense: {rejected[0].reason} (e.g. {rejected[0].module}).")
@@ -314,9 +368,8 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
               "different resolution?), so every site keeps raster token order.")
     in_blocks = [s for s in sites if s.block is not None]
     if one_block:  # dense by first_dense_layers is then this instance's layer, nothing to warn about
-        layer = rt.block_layer = next(s.layer for s in sites if s.block == GRAPH_BLOCK)
         log.info("chipmunk: graph %d is one transformer block (regional compilation or per-block frames): "
-                 "block instance %d in first-call order", rt.id, layer)
+                 "block instance %d in first-call order", rt.id, rt.block_layer)
     if count == 0 and in_blocks and not one_block and all(s.reason.startswith("layer ") for s in in_blocks):
         _warn(f"chipmunk: none of this graph's {len(in_blocks)} sites is rewritten: all sit in its first "
               f"{options.first_dense_layers} blocks (first_dense_layers={options.first_dense_layers}). Layers are "
@@ -335,17 +388,6 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     log.info("chipmunk: %d of %d sites rewritten (%d attention, %d mlp), %.1f MiB of cache state", count,
              len(sites), sum(s.rewritten and s.kind == "attention" for s in sites),
              sum(s.rewritten and s.kind == "mlp" for s in sites), rt.state_bytes / 2**20)
-    if options.dump_dir:
-        dump.write_graph_dump(options.dump_dir, rt.id, code_before, rewritten, sites)
-    if count == 0:
-        return plain(example_inputs), None, one_block
-    try:
-        return inner_compile(rewritten, example_inputs, options, torch_mode), rt, one_block
-    except Exception as exc:
-        _warn(f"chipmunk: compiling the rewritten graph failed ({type(exc).__name__}: {exc}); this graph runs "
-              f"plain {options.inner_backend}.")
-        log.debug("chipmunk compile failure", exc_info=True)
-        return plain(example_inputs), None, one_block
 
 
 def _ambient_autocast() -> str | None:
@@ -419,14 +461,17 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             plain_compiled.append(inner_compile(gm, inputs, options, torch_mode))
         return plain_compiled[0]
 
-    compiled, rt, one_block = _build(gm, example_inputs, options, torch_mode, plain)
+    # Module instances share compiled rewrites (their caches passed as inputs), except under CUDA graphs: inputs
+    # that differ per instance would be copied into the graph's static buffers at every replay.
+    shared = None if wants_cudagraphs(options, torch_mode) else _SharedCompiles()
+    compiled, rt, one_block, state = _build(gm, example_inputs, options, torch_mode, plain, shared)
     if rt is None and not one_block:
         return compiled
 
     # Dynamo reuses one graph for every module instance with the same code and shapes (parameters are graph
-    # inputs), e.g. two transformers compiled side by side. Caches belong to one instance: each instance
-    # (recognised by its first parameter object, or buffer without parameters) gets its own rewritten graph and
-    # runtime. The object, not its address: weights moved to new memory (offloading to the CPU and back) are the
+    # inputs), e.g. two transformers compiled side by side, or the blocks of a regional compile. Caches belong to
+    # one instance: each instance (recognised by its first parameter object, or buffer without parameters) gets its
+    # own caches and runtime, and shares the compiled rewrite of earlier instances with the same sites. The object, not its address: weights moved to new memory (offloading to the CPU and back) are the
     # same model and keep their graph and caches. An instance's graph and caches are released with that object
     # (the model deleted, or its parameters replaced), not kept until torch._dynamo.reset(). A graph that is one
     # block always comes here (even when its first instance is a dense layer): the next instance may be sparse.
@@ -440,7 +485,7 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             weakref.finalize(identity, _drop_instance, weakref.ref(instances), key)
         return entry
 
-    first = add_instance(None if first_param is None else example_inputs[first_param], (compiled, rt))
+    first = add_instance(None if first_param is None else example_inputs[first_param], (compiled, rt, state))
     if one_block:
         _BLOCK_ORDER.fresh = first
 
@@ -448,19 +493,25 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         identity = None if first_param is None else args[first_param]
         entry = instances.get(None if identity is None else id(identity))
         if entry is None:
-            log.info("chipmunk: graph reused for another module instance; compiling its own copy")
-            entry = add_instance(identity, _build(gm, list(args), options, torch_mode, plain)[:2])
+            log.info("chipmunk: graph reused for another module instance; building its caches")
+            fn, state, _, caches = _build(gm, list(args), options, torch_mode, plain, shared)
+            entry = add_instance(identity, (fn, state, caches))
             if one_block:
                 _BLOCK_ORDER.fresh = entry
         if one_block:
             _BLOCK_ORDER.called(entry)
-        fn, state = entry
+        fn, state, caches = entry
         if state is None:
             return fn(*args)
         runtime.activate(state)
-        out = fn(*args)
+        previous = runtime.calling(state)
+        try:
+            out = fn(*args, *caches)
+        finally:
+            runtime.done_calling(previous)
         state.advance()
         return out
 
     run_with_state.chipmunk_instances = instances  # keeps the runtimes alive as long as the compiled graph
+    run_with_state.chipmunk_shared = shared
     return run_with_state

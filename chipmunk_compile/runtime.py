@@ -9,7 +9,9 @@ per call, what each ``torch.ops.chipmunk.*`` op does:
 
 After ``num_steps * invocations_per_step`` calls, or on ``reset``, every flag is cleared, so the next call
 starts a new generation from dense steps. Flags are never shared between graphs: a new resolution, batch size
-or recompilation gets a new ``GraphRuntime``. Ops find their runtime by an integer id baked into the graph.
+or recompilation gets a new ``GraphRuntime``. Ops find their runtime by an integer id baked into the graph; a
+graph compiled once for every instance of a module (its caches passed as inputs) bakes in ``CALLER`` instead, and
+its ops use the runtime of the instance being called (``calling``).
 """
 from __future__ import annotations
 
@@ -114,6 +116,20 @@ class GraphRuntime:
 
 
 _ids = itertools.count(1)
+# The runtime id baked into a graph that module instances share: the ops then take the caller's runtime.
+CALLER = 0
+_caller = threading.local()
+
+
+def calling(rt: GraphRuntime):
+    """Makes ``rt`` the runtime of CALLER ops until the returned token is passed to ``done_calling``."""
+    previous = getattr(_caller, "rt", None)
+    _caller.rt = rt
+    return previous
+
+
+def done_calling(previous) -> None:
+    _caller.rt = previous
 # id(weight tensor) -> steps per generation, set by scheduler_sync.begin_generation for the graphs a model
 # compiles later; an entry goes with its tensor.
 _steps_override: dict[int, int] = {}
@@ -176,6 +192,12 @@ def activate(rt: GraphRuntime) -> None:
 
 
 def lookup(runtime_id: int) -> GraphRuntime:
+    if runtime_id == CALLER:
+        rt = getattr(_caller, "rt", None)
+        if rt is None:
+            raise RuntimeError("chipmunk: a compiled graph shared by module instances ran outside its instance "
+                               "dispatcher (no caller runtime). This is a bug.")
+        return rt
     try:
         return _RUNTIMES[runtime_id]
     except KeyError:

@@ -46,16 +46,18 @@ def test_inductor_cache_is_keyed_on_the_package_sources(tmp_path, monkeypatch):
     from helpers import compile_chipmunk
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    # config.patch, not monkeypatch: monkeypatch's undo deletes a config entry that was only a default, which
+    # breaks every later Inductor compile in the process.
     model, make_inputs = tiny_models.plain_dit()
 
     def compile_once():
         torch._dynamo.reset()
         chipmunk_compile.reset()
-        # Graphs carry their runtime's id; ids restart in every process, so a new process meets its old graphs.
+        # Ids restart in every process (and a graph shared by instances bakes in none), so a new process meets
+        # its old graphs.
         monkeypatch.setattr(runtime, "_ids", itertools.count(1))
         counters.clear()
-        with torch.no_grad():
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
             compile_chipmunk(model, inner_backend="inductor")(**make_inputs())
         return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 

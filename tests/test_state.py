@@ -1,4 +1,6 @@
 """Cache state: per batch element, per invocation, per graph; resets; regional compilation per block instance."""
+import copy
+
 import pytest
 import torch
 
@@ -102,9 +104,21 @@ def _weights_as_buffers(model):
     return model
 
 
+def _count_inner_compiles(monkeypatch) -> list:
+    """Records each graph the backend hands to its inner compiler (the number of its inputs)."""
+    from chipmunk_compile import backend
+    compiles, inner = [], backend.inner_compile
+
+    def counting(gm, inputs, *args):
+        compiles.append(len(inputs))
+        return inner(gm, inputs, *args)
+    monkeypatch.setattr(backend, "inner_compile", counting)
+    return compiles
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("weights", ["parameters", "buffers"])
-def test_two_models_side_by_side(weights):
+def test_two_models_side_by_side(weights, monkeypatch):
     """Dynamo reuses one graph for both instances; each must still get its own caches (also when the weights
     are buffers, which Dynamo passes as plain tensors)."""
     m1, make_inputs = tiny_models.flux()
@@ -123,11 +137,13 @@ def test_two_models_side_by_side(weights):
         compiled = compile_chipmunk(m)
         solo.append([first_output(compiled(**inputs)) for inputs in seq])
         torch._dynamo.reset()
+    compiles = _count_inner_compiles(monkeypatch)
     c1, c2 = compile_chipmunk(m1), compile_chipmunk(m2)
     for s, inputs in enumerate(seq):
         out1, out2 = first_output(c1(**inputs)), first_output(c2(**inputs))
         assert rel_err(out1, solo[0][s]) < 1e-5 and rel_err(out2, solo[1][s]) < 1e-5, s
         assert rel_err(out1, out2) > 1e-3
+    assert len(compiles) == 1  # the second instance reuses the first one's compiled rewrite, with its own caches
     # every instance has its own runtime: resetting m2 leaves m1's state alone
     assert chipmunk_compile.reset(m2) == 1
 
@@ -184,6 +200,32 @@ def test_regional_compilation_runs_sparse_per_block_instance(compile_blocks):
     assert first.block_layer == 0 and second.block_layer == 1
     draws = [torch.rand(8, generator=rt.generator(0, torch.device("cpu"))) for rt in (first, second)]
     assert not torch.equal(*draws)
+
+
+@torch.no_grad()
+def test_regional_compilation_compiles_each_block_graph_once(monkeypatch):
+    """Block instances share one compiled rewrite per block graph (their caches passed as inputs, the ops bound
+    to the instance being called), here through real Inductor (CPU): outputs equal the whole-model compile's. The
+    token permutation stays a buffer of the shared graph (a constant of every instance)."""
+    compiles = _count_inner_compiles(monkeypatch)
+    options = dict(num_steps=4, attn_random_fraction=0.0, mlp_random_fraction=0.0, inner_backend="inductor",
+                   token_grid=(1, 8, 8), token_tile=(1, 4, 4))
+    model, make_inputs = tiny_models.flux(num_layers=3, num_single_layers=2)
+    whole = compile_chipmunk(copy.deepcopy(model), **{**options, "inner_backend": "aot_eager"})
+    _compile_repeated_blocks(model, options)
+    g = torch.Generator().manual_seed(1)
+    x0, drift = torch.randn(1, 64, 4, generator=g), torch.randn(1, 64, 4, generator=g)
+    for s in range(4):
+        inputs = make_inputs(size=8, step=s, latents=x0 + 0.03 * s * drift)
+        assert rel_err(first_output(model(**inputs)), first_output(whole(**inputs))) < 1e-5, s
+    # The whole model: 1. The 3 double + 2 single block instances: Dynamo traces the first single block apart
+    # (its input's strides differ from the later ones'), so 3 block graphs and 3 inner compiles, not 5.
+    assert len(compiles) == 1 + 3
+    infos = chipmunk_compile.stats(model)
+    assert len(infos) == 5 and all(g["plans"]["attention:sparse"] == 2 and g["cache_mib"] > 0 for g in infos)
+    # every site over the image tokens (all but the text-only feed-forward) runs reordered
+    assert all(r.details["token_order"] == "tiles" for rt in runtime._runtimes_of(model) for r in rt.site_records
+               if r.module != "ff_context.net.2")
 
 
 @torch.no_grad()
