@@ -10,7 +10,7 @@ import triton
 
 def write_results(stem: str, payload: dict) -> str:
     """Writes ``payload`` plus device / torch / triton versions to ``<stem>_<gpu tag>.json``; returns the path."""
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()

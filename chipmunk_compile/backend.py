@@ -278,6 +278,9 @@ class _BlockOrder:
 _BLOCK_ORDER = _BlockOrder()
 
 
+SHARE_COMPILES = True  # module instances share compiled rewrites (False: one compile per instance; experiments)
+
+
 class _SharedCompiles(dict):
     """The rewritten graphs one Dynamo graph compiled for its module instances, shared between them:
     (rewritten site indices, device) -> (compiled callable taking the caches as trailing inputs, the caches'
@@ -463,7 +466,7 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
 
     # Module instances share compiled rewrites (their caches passed as inputs), except under CUDA graphs: inputs
     # that differ per instance would be copied into the graph's static buffers at every replay.
-    shared = None if wants_cudagraphs(options, torch_mode) else _SharedCompiles()
+    shared = None if wants_cudagraphs(options, torch_mode) or not SHARE_COMPILES else _SharedCompiles()
     compiled, rt, one_block, state = _build(gm, example_inputs, options, torch_mode, plain, shared)
     if rt is None and not one_block:
         return compiled

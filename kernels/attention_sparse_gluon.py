@@ -36,6 +36,7 @@ from chipmunk_compile.kernels.kv_ring_gluon import kv_ring_producer as _producer
 from chipmunk_compile.kernels.kv_ring_gluon import allocate_kv_ring as _allocate_ring
 from chipmunk_compile.kernels.kv_ring_gluon import attention_unsupported_reason
 from chipmunk_compile.kernels.kv_ring_gluon import load_query_tile_rows as _load_query_tile
+from chipmunk_compile.kernels.launch import CachedLaunch
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
@@ -195,6 +196,9 @@ _CONFIG = dict(BLOCK_N=64, NUM_STAGES=4, CONSUMER_REGS=144, OVERLAP=True)
 _MAXNREG = 128
 
 
+_sparse_attn_ws_launch = CachedLaunch(_sparse_attn_ws_kernel)
+
+
 def supports(q, k, v, base, out, group_size: int, capability: tuple | None = None) -> str | None:
     """None when this kernel handles the call, else why not (the caller then uses the Triton kernel).
     ``capability`` (tests) skips the device checks and takes that CUDA compute capability."""
@@ -210,13 +214,13 @@ def sparse_attention_delta_ws(q, k, v, scale: float, indices, group_size: int, b
     num_groups, n_sel = indices.shape[2], indices.shape[3]
     cfg = dict(_CONFIG, **(config or {}))
     kb = key_bias_scaled
-    _sparse_attn_ws_kernel[(num_groups, B * H)](
-        q, k, v, indices, base, out, out if kb is None else kb, out if token_perm is None else token_perm,
-        key_bias_stride,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *base.stride()[:3], *out.stride()[:3],
-        H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign),
-        D=D, HAS_KB=kb is not None, HAS_PERM=token_perm is not None, BLOCK_N=cfg["BLOCK_N"],
-        NUM_STAGES=cfg["NUM_STAGES"],
-        N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"], OVERLAP=cfg["OVERLAP"],
-        num_warps=4, maxnreg=_MAXNREG)
+    _sparse_attn_ws_launch(
+        (num_groups, B * H),
+        (q, k, v, indices, base, out, out if kb is None else kb, out if token_perm is None else token_perm,
+         key_bias_stride,
+         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *base.stride()[:3], *out.stride()[:3],
+         H, H // Hk, Nq, num_groups, group_size, n_sel, scale * _LOG2E, float(sign)),
+        dict(D=D, HAS_KB=kb is not None, HAS_PERM=token_perm is not None, BLOCK_N=cfg["BLOCK_N"],
+             NUM_STAGES=cfg["NUM_STAGES"], N_CONSUMERS=-(-group_size // _ROWS), CONSUMER_REGS=cfg["CONSUMER_REGS"],
+             OVERLAP=cfg["OVERLAP"], num_warps=4, maxnreg=_MAXNREG))
     return out

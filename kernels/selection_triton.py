@@ -34,7 +34,7 @@ import triton.language as tl
 
 from chipmunk_compile.kernels import mlp_reference
 from chipmunk_compile.kernels import selection_reference as reference
-from chipmunk_compile.kernels.launch import sm_count
+from chipmunk_compile.kernels.launch import CachedLaunch, sm_count
 
 
 @triton.jit
@@ -168,6 +168,9 @@ STORE_ENTRIES_PER_THREAD = None
 
 
 
+_select_launch = CachedLaunch(_select_kernel)
+
+
 def _launch_shape(rows: int, block: int, device: torch.device) -> tuple[int, int]:
     """(warps, store-pass chunk width). Measured on H100 (``benchmarks/selection_path.py``): an MLP refresh (36 or
     132 rows of 12288) takes 0.069 / 0.072 ms at 8 warps with 8 entries per thread in each store chunk, against
@@ -185,9 +188,12 @@ def _launch(rows, n, scores, hbar_new, hbar_cache, noise, out, rows_per_sample, 
     lo, hi = forced if forced is not None else (0, 0)
     block = max(32, triton.next_power_of_2(n))
     warps, lanes = _launch_shape(rows, block, scores.device)
-    _select_kernel[(rows,)](scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random,
-                            lo, hi, FROM_HBAR=hbar_new is not None, PATHS=paths, BLOCK=block,
-                            LOG2_BLOCK=block.bit_length() - 1, LANES=lanes, num_warps=warps)
+    from_hbar = hbar_new is not None
+    if not from_hbar:  # any pointer (never read): a cached launch passes tensors only
+        hbar_new = hbar_cache = scores
+    _select_launch((rows,), (scores, hbar_new, hbar_cache, noise, out, n, rows_per_sample, num_top, num_random, lo,
+                             hi), dict(FROM_HBAR=from_hbar, PATHS=paths, BLOCK=block,
+                                       LOG2_BLOCK=block.bit_length() - 1, LANES=lanes, num_warps=warps))
 
 
 def _noise(shape, device, generator, num_random):

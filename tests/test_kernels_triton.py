@@ -470,6 +470,26 @@ def test_cached_launch_reuses_config_heuristics_and_grid_per_key():
     assert runner is None  # the interpreter has no compiled binary: repeats go through JITFunction.run
 
 
+@triton.jit
+def _row_scale(X, Y, n, factor, BLOCK: tl.constexpr):
+    """Row program_id(0) of [rows, n]: the row count is only in the grid, not an argument."""
+    offs = tl.arange(0, BLOCK)
+    row = tl.program_id(0)
+    tl.store(Y + row * n + offs, tl.load(X + row * n + offs, mask=offs < n) * factor, mask=offs < n)
+
+
+def test_cached_launch_of_a_plain_kernel_keys_on_shapes():
+    """A plain (not autotuned) kernel through the cache; a batch size the kernel sees only through its grid (same
+    scalars and dtypes) must not reuse another batch size's grid: rows past the first would stay unwritten."""
+    launch = CachedLaunch(_row_scale)
+    for rows in (1, 3, 1, 3):
+        x = torch.randn(rows, 16)
+        y = torch.full((rows, 16), float("nan"))
+        launch((rows,), (x, y, 16, 2.0), {"BLOCK": 16})
+        torch.testing.assert_close(y, 2 * x)
+    assert len(launch._cache) == 2
+
+
 @pytest.mark.parametrize("name", ["hunyuan_video", "flux"])
 def test_backend_with_triton_kernels_all_selected_equals_eager(name):
     """The whole backend on the Triton kernels (interpreter): with every column and unit selected the sparse steps
