@@ -4,12 +4,15 @@
       Dynamo FX graph ──copy──► detect sites (passes/detect_*) ─► layers, first_dense_layers
                                  ─► rewrite each accepted site into torch.ops.chipmunk.* + cache buffers
                                  ─► inner compiler (Inductor by default)
-      returned callable: picks the compiled copy of the module instance it is called for (Dynamo shares one
-      graph between instances of a class), calls it, advances the step counter of that copy's GraphRuntime.
+      returned callable: picks the caches and runtime of the module instance it is called for (Dynamo shares
+      one graph between instances of a class), calls the compiled rewrite with those caches, advances the step
+      counter of that instance's GraphRuntime.
 
 A graph that is one whole block (regional compilation, or per-block frames after a graph break in the block
-loop; ``passes/sites.is_one_block_graph``) is rewritten too: every block instance then has its own copy and
-runtime, and its layer (for first_dense_layers) is its rank in first-call order (``_BlockOrder``).
+loop; ``passes/sites.is_one_block_graph``) is rewritten too: every block instance then has its own caches and
+runtime, and its layer (for first_dense_layers) is its rank in first-call order (``_BlockOrder``). Instances
+whose rewrite has the same sites share one compiled graph, their caches passed to it as inputs
+(``passes/lift_state.py``; not under CUDA graphs, where each instance compiles its own).
 
 If analysis, rewrite or the inner compile of the rewritten graph raises, the original graph is compiled
 plainly and one warning says why. Bad options raise immediately (they are the user's to fix).
@@ -184,7 +187,10 @@ def _inplace_flag(node: fx.Node) -> bool:
 
 
 def wants_cudagraphs(options: ChipmunkOptions, torch_mode: str | None) -> bool:
-    return options.cudagraphs or torch_mode in ("reduce-overhead", "max-autotune")
+    """CUDA graphs asked for by the options, the torch.compile mode, or Inductor's global config."""
+    from torch._inductor import config as inductor_config
+    return bool(options.cudagraphs or torch_mode in ("reduce-overhead", "max-autotune")
+                or inductor_config.triton.cudagraphs)
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_mode: str | None):
@@ -254,19 +260,20 @@ class _BlockOrder:
     def __init__(self):
         self.next_layer = 0
         self.fresh = None  # the entry built last and not yet called
-        self.layers: dict[int, int] = {}  # id(instance's first parameter) -> its layer, while it lives
+        self.layers: dict[tuple, int] = {}  # instance_key(its weights) -> its layer, while they live
 
-    def take(self, identity=None) -> int:
-        """The layer of the block instance recognised by ``identity`` (its first parameter): the one it got at
-        its first build when it has been numbered before (a new resolution or batch size rebuilds every
+    def take(self, weights=()) -> int:
+        """The layer of the block instance recognised by ``weights`` (its parameters, or buffers): the one it got
+        at its first build when it has been numbered before (a new resolution or batch size rebuilds every
         instance, possibly right after a single first forward), else the next one in first-call order."""
-        key = None if identity is None else id(identity)
+        key = instance_key(weights)
         if key is not None and key in self.layers:
             return self.layers[key]
         layer, self.next_layer = self.next_layer, self.next_layer + 1
         if key is not None:
             self.layers[key] = layer
-            weakref.finalize(identity, self.layers.pop, key, None)
+            for tensor in weights:
+                weakref.finalize(tensor, self.layers.pop, key, None)
         return layer
 
     def called(self, entry) -> None:
@@ -302,8 +309,7 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     try:
         rewritten = copy_graph_module(gm)
         weights = [example_inputs[i] for i in module_state_inputs(gm, example_inputs)]
-        identity = weights[0] if weights else None
-        sites = detect_sites(rewritten, options, block_layer=lambda: _BLOCK_ORDER.take(identity))
+        sites = detect_sites(rewritten, options, block_layer=lambda: _BLOCK_ORDER.take(weights))
         one_block = any(site.block == GRAPH_BLOCK for site in sites)
         rt = runtime.GraphRuntime(options, num_sites=len(sites), weights=weights)
         code_before = rewritten.code
@@ -314,7 +320,9 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         # A reused compile needs only this instance's site records: the rewrite then allocates nothing.
         count = rewrite_sites(rewritten, sites, runtime.CALLER if shared is not None else rt.id, options,
                               cache_device="meta" if reuse else None)
-        state = lift_site_state(rewritten)[1] if shared is not None and count and not reuse else []
+        state = lift_site_state(rewritten)[1] if shared is not None and count else []
+        if reuse and count and shared[key] is not None:  # this instance's own caches, for the compiled graph
+            state = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in shared[key][1]]
     except Exception as exc:  # analysis must never break the user's model
         _warn(f"chipmunk: graph analysis/rewrite failed ({type(exc).__name__}: {exc}); this graph runs plain "
               f"{options.inner_backend}.")
@@ -333,10 +341,8 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
     if reuse:
         if shared[key] is None:
             return plain(example_inputs), None, one_block, ()
-        compiled, specs = shared[key]
         log.info("chipmunk: graph %d reuses the compiled graph of an earlier module instance", rt.id)
-        return compiled, rt, one_block, tuple(torch.zeros(shape, dtype=dtype, device=device)
-                                               for shape, dtype, device in specs)
+        return shared[key][0], rt, one_block, tuple(state)
     try:
         compiled = inner_compile(rewritten, [*example_inputs, *state], options, torch_mode)
     except Exception as exc:
@@ -427,9 +433,17 @@ def module_state_inputs(gm: fx.GraphModule, inputs) -> list[int]:
 
 
 
+def instance_key(weights) -> tuple | None:
+    """What tells module instances apart: the identities of all their weight tensors (parameters, or buffers for a
+    model without parameters), not of the first one only, since blocks may share some weights (e.g. one
+    modulation layer tied across blocks) and must still get their own caches. Objects, not addresses: weights
+    moved to new memory (offloading) are the same instance."""
+    return tuple(map(id, weights)) or None
+
+
 class _Instances(dict):
-    """A compiled graph's module instances: identity key -> (compiled callable, runtime). A dict that can be
-    referenced weakly."""
+    """A compiled graph's module instances: instance_key -> (compiled callable, runtime or None, the instance's
+    cache tensors passed after the graph's inputs). A dict that can be referenced weakly."""
 
 
 def _drop_instance(instances_ref, key) -> None:
@@ -473,32 +487,34 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
 
     # Dynamo reuses one graph for every module instance with the same code and shapes (parameters are graph
     # inputs), e.g. two transformers compiled side by side, or the blocks of a regional compile. Caches belong to
-    # one instance: each instance (recognised by its first parameter object, or buffer without parameters) gets its
-    # own caches and runtime, and shares the compiled rewrite of earlier instances with the same sites. The object, not its address: weights moved to new memory (offloading to the CPU and back) are the
-    # same model and keep their graph and caches. An instance's graph and caches are released with that object
-    # (the model deleted, or its parameters replaced), not kept until torch._dynamo.reset(). A graph that is one
-    # block always comes here (even when its first instance is a dense layer): the next instance may be sparse.
-    first_param = next(iter(module_state_inputs(gm, example_inputs)), None)
+    # one instance: each instance (recognised by its weight objects, instance_key) gets its own caches and runtime,
+    # and shares the compiled rewrite of earlier instances with the same sites. Weights moved to new memory
+    # (offloading to the CPU and back) are the same objects, so the model keeps its caches. An instance's caches are
+    # released with its weights (the model deleted, or a parameter replaced), not kept until torch._dynamo.reset().
+    # A graph that is one block always comes here (even when its first instance is a dense layer): the next
+    # instance may be sparse.
+    state_inputs = module_state_inputs(gm, example_inputs)
     instances = _Instances()
 
-    def add_instance(identity, entry):
-        key = None if identity is None else id(identity)
+    def add_instance(weights, entry):
+        key = instance_key(weights)
         instances[key] = entry
-        if identity is not None:  # weakly: the graph may go first (torch._dynamo.reset()) and take its entries
-            weakref.finalize(identity, _drop_instance, weakref.ref(instances), key)
+        # weakly: the graph may go first (torch._dynamo.reset()) and take its entries; any weight released (the
+        # model deleted, or that parameter replaced) drops the entry
+        for tensor in weights:
+            weakref.finalize(tensor, _drop_instance, weakref.ref(instances), key)
         return entry
 
-    first = add_instance(None if first_param is None else example_inputs[first_param], (compiled, rt, state))
+    first = add_instance([example_inputs[i] for i in state_inputs], (compiled, rt, state))
     if one_block:
         _BLOCK_ORDER.fresh = first
 
     def run_with_state(*args):
-        identity = None if first_param is None else args[first_param]
-        entry = instances.get(None if identity is None else id(identity))
+        entry = instances.get(tuple(id(args[i]) for i in state_inputs) or None)
         if entry is None:
             log.info("chipmunk: graph reused for another module instance; building its caches")
             fn, state, _, caches = _build(gm, list(args), options, torch_mode, plain, shared)
-            entry = add_instance(identity, (fn, state, caches))
+            entry = add_instance([args[i] for i in state_inputs], (fn, state, caches))
             if one_block:
                 _BLOCK_ORDER.fresh = entry
         if one_block:

@@ -1,7 +1,7 @@
-"""Per-compiled-graph runtime state: which step and invocation the next call is, and what each site has cached.
+"""Per-instance runtime state: which step and invocation the next call is, and what each site has cached.
 
-The caches themselves are tensors registered as buffers on the rewritten GraphModule (so they are ordinary
-graph state for AOTAutograd, Inductor and CUDA graphs). What lives here is host-side bookkeeping that decides,
+The caches themselves are tensors the compiled graph mutates: graph inputs of a rewrite that module instances
+share (each instance passes its own), or buffers of a per-instance GraphModule under CUDA graphs. What lives here is host-side bookkeeping that decides,
 per call, what each ``torch.ops.chipmunk.*`` op does:
 
     call k of a graph  ->  step = k // invocations_per_step, invocation = k % invocations_per_step
@@ -9,7 +9,7 @@ per call, what each ``torch.ops.chipmunk.*`` op does:
 
 After ``num_steps * invocations_per_step`` calls, or on ``reset``, every flag is cleared, so the next call
 starts a new generation from dense steps. Flags are never shared between graphs: a new resolution, batch size
-or recompilation gets a new ``GraphRuntime``. Ops find their runtime by an integer id baked into the graph; a
+or recompilation, and every module instance, gets its own ``GraphRuntime``. Ops find their runtime by an integer id baked into the graph; a
 graph compiled once for every instance of a module (its caches passed as inputs) bakes in ``CALLER`` instead, and
 its ops use the runtime of the instance being called (``calling``).
 """

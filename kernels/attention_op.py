@@ -10,7 +10,8 @@ values of an additive mask; computed once in the graph), applied by every plan; 
 option) reorder the queries into spatial tiles before everything else and the output back after (at sparse
 steps inside the kernel: it reads each query row at its token and writes the result there).
 
-The caches are GraphModule buffers with a leading invocation axis ([I, B, H, ...]); the op mutates only the
+The caches (GraphModule buffers, or graph inputs of a graph shared by module instances: passes/lift_state.py) have a
+leading invocation axis ([I, B, H, ...]); the op mutates only the
 slice of the current invocation. What it does at a call depends on the host-side runtime (step, flags):
 
     plan          when                                  computes

@@ -49,7 +49,8 @@ class CachedLaunch:
         self._cache: dict = {}
 
     def __call__(self, grid_fn, args: tuple, meta: dict) -> None:
-        key = (tuple(map(_arg_key, args)), tuple(meta.items()))
+        # A grid given as a tuple is part of the key (a callable grid is computed from what the key holds).
+        key = (tuple(map(_arg_key, args)), tuple(meta.items()), None if callable(grid_fn) else tuple(grid_fn))
         hit = self._cache.get(key)
         if hit is not None:
             grid, kwargs, runner, constexprs = hit

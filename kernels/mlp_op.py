@@ -5,7 +5,7 @@ Before (Dynamo graph)                          After
     a = act(h)          [* linear(x, Wu, bu)]                       y_cache, a_cache, hbar_cache, indices,
     y = linear(a, W2, b2)                                           perm, unperm, act, rt, site)
 
-Caches are GraphModule buffers with a leading invocation axis: y_cache [I, B, N, Dout] in the model's dtype (b2
+Caches (GraphModule buffers, or graph inputs of a graph shared by module instances) have a leading invocation axis: y_cache [I, B, N, Dout] in the model's dtype (b2
 included; float32 with mlp_output_cache_dtype='float32'),
 a_cache [I, B, F, N] (the hidden activations, i.e. what multiplies W2; unit-major so
 a unit's activations over a token block are contiguous for the kernels' gathers), hbar_cache [I, B, nb, P*F] float32

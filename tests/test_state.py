@@ -228,6 +228,41 @@ def test_regional_compilation_compiles_each_block_graph_once(monkeypatch):
                if r.module != "ff_context.net.2")
 
 
+def test_cuda_graphs_from_any_source_keep_per_instance_compiles():
+    """Shared compiles pass caches as graph inputs, which CUDA graphs would copy into static buffers at every replay:
+    the options, the compile mode and Inductor's global config each switch sharing off."""
+    from chipmunk_compile.backend import wants_cudagraphs
+    from chipmunk_compile.options import ChipmunkOptions
+    assert not wants_cudagraphs(ChipmunkOptions(), None)
+    assert wants_cudagraphs(ChipmunkOptions(cudagraphs=True), None)
+    assert wants_cudagraphs(ChipmunkOptions(), "reduce-overhead")
+    with torch._inductor.config.patch({"triton.cudagraphs": True}):
+        assert wants_cudagraphs(ChipmunkOptions(), None)
+
+
+@torch.no_grad()
+def test_regional_blocks_sharing_their_first_weight_get_their_own_caches():
+    """Blocks that share a weight (here one modulation layer tied across blocks, each block's first parameter) are
+    still different instances: each gets its own caches, step count and layer, and the result equals the
+    whole-model compile. (Instances used to be told apart by their first parameter alone: all three blocks shared
+    one runtime, advanced three times per forward, and read each other's caches.)"""
+    options = {**FAST, "num_steps": 4, "attn_random_fraction": 0.0, "mlp_random_fraction": 0.0}
+    model, make_inputs = tiny_models.plain_dit(depth=3)
+    for block in model.blocks[1:]:
+        block.ada = model.blocks[0].ada
+    whole = torch.compile(copy.deepcopy(model), backend="chipmunk", options=options)
+    for block in model.blocks:
+        block.compile(backend="chipmunk", options=options)
+    g = torch.Generator().manual_seed(1)
+    x0, drift = torch.randn(1, 64, 4, generator=g), torch.randn(1, 64, 4, generator=g)
+    for s in range(4):
+        inputs = make_inputs(size=8, step=s, latents=x0 + 0.03 * s * drift)
+        assert rel_err(model(**inputs), whole(**inputs)) < 1e-5, s
+    # three runtimes (the tied weight makes each of them one of block 2's), layers 0, 1, 2, one step each
+    assert sorted(rt.block_layer for rt in runtime._runtimes_of(model.blocks[2])) == [0, 1, 2]
+    assert [g["step"] for g in chipmunk_compile.stats(model)] == [0, 0, 0]  # 4 calls each: a new generation
+
+
 @torch.no_grad()
 def test_regional_compilation_dense_mode_and_first_dense_layers():
     regional, whole, eager, model = _regional_run(dict(num_steps=4, mode="dense"), _compile_repeated_blocks, steps=3)
