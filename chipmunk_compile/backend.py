@@ -19,6 +19,7 @@ plainly and one warning says why. Bad options raise immediately (they are the us
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import warnings
@@ -317,8 +318,11 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         if shared is not None:
             key = (tuple(i for i, s in enumerate(sites) if not s.reason), weights[0].device if weights else None)
         reuse = key in shared if shared is not None else False
-        # A reused compile needs only this instance's site records: the rewrite then allocates nothing.
-        count = rewrite_sites(rewritten, sites, runtime.CALLER if shared is not None else rt.id, options,
+        # A reused compile needs only this instance's site records: the rewrite then allocates nothing. A shared
+        # graph takes one invocation's caches (the dispatcher passes the current invocation's set).
+        rewrite_options = options if shared is None else dataclasses.replace(options, invocations_per_step=1)
+        rt.caches_per_invocation = shared is not None
+        count = rewrite_sites(rewritten, sites, runtime.CALLER if shared is not None else rt.id, rewrite_options,
                               cache_device="meta" if reuse else None)
         state = lift_site_state(rewritten)[1] if shared is not None and count else []
         if reuse and count and shared[key] is not None:  # this instance's own caches, for the compiled graph
@@ -443,7 +447,19 @@ def instance_key(weights) -> tuple | None:
 
 class _Instances(dict):
     """A compiled graph's module instances: instance_key -> (compiled callable, runtime or None, the instance's
-    cache tensors passed after the graph's inputs). A dict that can be referenced weakly."""
+    cache sets: per invocation, the cache tensors passed after the graph's inputs; [()] when the graph holds its
+    caches itself). A dict that can be referenced weakly."""
+
+
+def _caches_for(rt, cache_sets: list) -> tuple:
+    """The current invocation's cache set of a graph that takes its caches as inputs, made (zeros, like the first
+    set) on the invocation's first call."""
+    if not rt.caches_per_invocation:
+        return ()
+    while len(cache_sets) <= rt.invocation:
+        cache_sets.append(tuple(torch.zeros_like(t) for t in cache_sets[0]))
+        rt.state_bytes += sum(t.numel() * t.element_size() for t in cache_sets[0])
+    return cache_sets[rt.invocation]
 
 
 def _drop_instance(instances_ref, key) -> None:
@@ -505,24 +521,25 @@ def chipmunk_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             weakref.finalize(tensor, _drop_instance, weakref.ref(instances), key)
         return entry
 
-    first = add_instance([example_inputs[i] for i in state_inputs], (compiled, rt, state))
+    first = add_instance([example_inputs[i] for i in state_inputs], (compiled, rt, [state]))
     if one_block:
         _BLOCK_ORDER.fresh = first
 
     def run_with_state(*args):
-        entry = instances.get(tuple(id(args[i]) for i in state_inputs) or None)
+        entry = instances.get(tuple(map(id, map(args.__getitem__, state_inputs))) or None)
         if entry is None:
             log.info("chipmunk: graph reused for another module instance; building its caches")
             fn, state, _, caches = _build(gm, list(args), options, torch_mode, plain, shared)
-            entry = add_instance([args[i] for i in state_inputs], (fn, state, caches))
+            entry = add_instance([args[i] for i in state_inputs], (fn, state, [caches]))
             if one_block:
                 _BLOCK_ORDER.fresh = entry
         if one_block:
             _BLOCK_ORDER.called(entry)
-        fn, state, caches = entry
+        fn, state, cache_sets = entry
         if state is None:
             return fn(*args)
         runtime.activate(state)
+        caches = _caches_for(state, cache_sets)
         previous = runtime.calling(state)
         try:
             out = fn(*args, *caches)

@@ -58,7 +58,8 @@ OPTION_DOCS: dict[str, str] = {
     "sparsify_mlp": "Rewrite MLP sites.",
     "num_steps": "Denoising steps per generation; all state resets after num_steps * invocations_per_step calls.",
     "invocations_per_step": "Model calls per denoising step (2 when cond and uncond CFG passes are separate "
-                            "calls); each invocation keeps its own caches.",
+                            "calls); each invocation keeps its own caches. Not needed with follow_scheduler once "
+                            "the scheduler's step() has been seen (invocations are then counted between steps).",
     "seed": "Seed of the random column/unit choice (deterministic per site, step and sample).",
     "kernels": "'auto': Triton on CUDA (attention on the warp-specialised Gluon kernels where they apply: Hopper, "
                "bf16/fp16, head dim 64/128), torch reference elsewhere; 'torch': always the reference; 'triton': "

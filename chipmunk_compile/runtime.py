@@ -1,17 +1,22 @@
 """Per-instance runtime state: which step and invocation the next call is, and what each site has cached.
 
 The caches themselves are tensors the compiled graph mutates: graph inputs of a rewrite that module instances
-share (each instance passes its own), or buffers of a per-instance GraphModule under CUDA graphs. What lives here is host-side bookkeeping that decides,
-per call, what each ``torch.ops.chipmunk.*`` op does:
+share (each instance passes its own, one set per invocation), or buffers of a per-instance GraphModule under CUDA
+graphs (a leading invocation axis of invocations_per_step). What lives here is host-side bookkeeping that
+decides, per call, what each ``torch.ops.chipmunk.*`` op does:
 
-    call k of a graph  ->  step = k // invocations_per_step, invocation = k % invocations_per_step
-    each site, each invocation: has_lse / has_indices / has_cache flags (validity of its buffers)
+    counted:  call k of a graph  ->  step = k // invocations_per_step, invocation = k % invocations_per_step
+    stepped:  step = scheduler.step() calls since the generation began, invocation = model calls since the last
+              one (follow_scheduler, once the scheduler has been seen stepping: separate cond / uncond calls
+              need no invocations_per_step then)
+    each site, each invocation: has_lse / has_indices / has_cache flags (validity of its caches)
 
-After ``num_steps * invocations_per_step`` calls, or on ``reset``, every flag is cleared, so the next call
-starts a new generation from dense steps. Flags are never shared between graphs: a new resolution, batch size
-or recompilation, and every module instance, gets its own ``GraphRuntime``. Ops find their runtime by an integer id baked into the graph; a
-graph compiled once for every instance of a module (its caches passed as inputs) bakes in ``CALLER`` instead, and
-its ops use the runtime of the instance being called (``calling``).
+Counted, after ``num_steps * invocations_per_step`` calls, or on ``reset`` (stepped: at the scheduler's next
+set_timesteps), every flag is cleared, so the next call starts a new generation from dense steps. Flags are never
+shared between graphs: a new resolution, batch size or recompilation, and every module instance, gets its own
+``GraphRuntime``. Ops find their runtime by an integer id baked into the graph; a graph compiled once for every
+instance of a module (its caches passed as inputs) bakes in ``CALLER`` instead, and its ops use the runtime of the
+instance being called (``calling``).
 """
 from __future__ import annotations
 
@@ -55,6 +60,14 @@ class GraphRuntime:
         self.followed = steps is not None
         self.overran = False
         self.restarts = 0       # mid-generation restarts because another graph of the same model ran
+        # Stepped mode (the scheduler's step() is followed and has been seen): steps and invocations by events.
+        self.stepped = any(id(w) in _stepped for w in weights)
+        self.steps_done = 0
+        self.calls_in_step = 0
+        # Caches passed per invocation (a graph shared by instances: one cache set per invocation, slot 0 in the
+        # graph), else a leading invocation axis of invocations_per_step slots in the graph's buffers.
+        self.caches_per_invocation = False
+        self.num_sites = num_sites
         self.flags = [[SiteFlags() for _ in range(num_sites)] for _ in range(options.invocations_per_step)]
         self.site_counters: dict[str, int] = {}
         self.site_records: list = []      # filled by the backend after the rewrite
@@ -68,23 +81,51 @@ class GraphRuntime:
 
     @property
     def step(self) -> int:
-        return self.calls // self.options.invocations_per_step
+        return self.steps_done if self.stepped else self.calls // self.options.invocations_per_step
 
     @property
     def invocation(self) -> int:
-        return self.calls % self.options.invocations_per_step
+        return self.calls_in_step if self.stepped else self.calls % self.options.invocations_per_step
+
+    @property
+    def cache_slot(self) -> int | None:
+        """Where the current invocation's caches are in the graph's cache tensors: 0 when caches are passed per
+        invocation, else the invocation's index on the leading axis; None when that axis has no slot for it (a
+        stepped model called more often per step than invocations_per_step, under CUDA graphs)."""
+        if self.caches_per_invocation:
+            return 0
+        return self.invocation if self.invocation < self.options.invocations_per_step else None
 
     def site_flags(self, site_index: int) -> SiteFlags:
+        while len(self.flags) <= self.invocation:
+            self.flags.append([SiteFlags() for _ in range(self.num_sites)])
         return self.flags[self.invocation][site_index]
 
     def advance(self) -> None:
+        if self.stepped:
+            self.calls_in_step += 1
+            return
         self.calls += 1
         if self.calls >= self.options.num_steps * self.options.invocations_per_step:
             self.overran, self.restarts = self.followed, 0
             self.reset()
 
+    def end_step(self) -> None:
+        """The followed scheduler stepped. The first time (the generation ran counted so far) the caches are
+        dropped, since calls of one step may have been counted as steps and shared caches; the current step is
+        then step 1, its next call invocation 0."""
+        if not self.stepped:
+            self.stepped = True
+            if self.calls != self.options.invocations_per_step:  # not exactly the one step the scheduler ended
+                self.reset()
+            self.calls = 0
+        self.steps_done += 1
+        self.calls_in_step = 0
+        if self.steps_done >= self.options.num_steps:  # the generation is over (as after num_steps counted steps)
+            self.reset()
+
     def reset(self) -> None:
-        self.calls = 0
+        self.calls = self.steps_done = self.calls_in_step = 0
         for per_invocation in self.flags:
             for flags in per_invocation:
                 flags.has_lse = flags.has_indices = flags.has_cache = False
@@ -133,6 +174,15 @@ def done_calling(previous) -> None:
 # id(weight tensor) -> steps per generation, set by scheduler_sync.begin_generation for the graphs a model
 # compiles later; an entry goes with its tensor.
 _steps_override: dict[int, int] = {}
+# id(weight tensor) of models whose followed scheduler has been seen stepping (their graphs count by events).
+_stepped: set[int] = set()
+
+
+def mark_stepped(tensor: torch.Tensor) -> None:
+    key = id(tensor)
+    if key not in _stepped:
+        weakref.finalize(tensor, _stepped.discard, key)
+        _stepped.add(key)
 
 
 def set_steps_override(tensor: torch.Tensor, num_steps: int) -> None:
@@ -163,7 +213,18 @@ def _warn_once(rt: GraphRuntime, what: str, message: str) -> None:
     _warn(message)
 
 
+def no_cache_slot(rt: GraphRuntime) -> None:
+    """Says once that a stepped model's extra calls per step run dense (their caches have no slot)."""
+    _warn_once(rt, "no_slot", f"chipmunk: graph {rt.id} is called {rt.invocation + 1} times in one scheduler step, "
+               f"more than invocations_per_step={rt.options.invocations_per_step}; with CUDA graphs the caches have "
+               "that many slots per instance, so the extra calls run dense (exact, no speedup). Set "
+               f"invocations_per_step={rt.invocation + 1}.")
+
+
 def activate(rt: GraphRuntime) -> None:
+    if rt.stepped:  # steps come from the scheduler: graphs of one model may alternate (cond / uncond shapes)
+        _active[rt.model_key] = rt.id
+        return
     if rt.overran and rt.calls == 0:
         rt.overran = False
         _warn_once(rt, "overran", f"chipmunk: graph {rt.id} was called more than num_steps * invocations_per_step = "

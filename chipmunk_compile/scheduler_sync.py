@@ -7,6 +7,12 @@ the counter to the scheduler instead: each ``scheduler.set_timesteps(...)`` — 
 at the start of every generation — resets the model's caches and sets its steps per generation to the
 number of timesteps the scheduler will run.
 
+It also follows ``scheduler.step(...)``, which samplers call once per denoising step: once it has been seen, the
+model's steps are counted by those calls and its invocations by the model calls between two of them, so separate
+cond / uncond CFG calls (or cond / uncond graphs of different shapes) get their own caches without
+``invocations_per_step``. (The first generation runs counted until the scheduler's first step; its caches are
+then dropped once if its calls were counted as more than that one step.)
+
     pipe.transformer = torch.compile(pipe.transformer, backend="chipmunk")
     chipmunk_compile.follow_scheduler(pipe)        # or follow_scheduler(scheduler, model)
 """
@@ -41,8 +47,10 @@ def follow_scheduler(pipe_or_scheduler, model=None) -> None:
     weights = runtime._module_tensors(model)  # also validates the model
     if not weights:
         raise ValueError("follow_scheduler: the model has no parameters or buffers to recognise it by")
-    scheduler.set_timesteps = _FollowingSetTimesteps(scheduler, scheduler.set_timesteps,
-                                                     weakref.ref(getattr(model, "_orig_mod", model)))
+    model_ref = weakref.ref(getattr(model, "_orig_mod", model))
+    scheduler.set_timesteps = _FollowingSetTimesteps(scheduler, scheduler.set_timesteps, model_ref)
+    if callable(getattr(scheduler, "step", None)):
+        scheduler.step = _FollowingStep(scheduler, scheduler.step, model_ref)
 
 
 _DENOISERS = ("transformer", "transformer_2")
@@ -68,6 +76,28 @@ class _FollowingSetTimesteps:
         # The copy's plain set_timesteps: the original bound method deep-copies onto the copied scheduler (already
         # in memo when the scheduler is what is being copied).
         return copy.deepcopy(self.chipmunk_wrapped, memo)
+
+
+class _FollowingStep(_FollowingSetTimesteps):
+    """``scheduler.step`` that also ends the followed model's current step (the same deep-copy behaviour)."""
+
+    def __call__(self, *args, **kwargs):
+        result = self.chipmunk_wrapped(*args, **kwargs)
+        target = self.model_ref()
+        if target is not None:
+            end_step(target)
+        return result
+
+
+def end_step(model) -> int:
+    """The sampler finished a denoising step of ``model``: its graphs (now and later ones) count steps by these calls
+    from here on. Returns how many graphs were advanced."""
+    for tensor in runtime._module_tensors(model):
+        runtime.mark_stepped(tensor)
+    graphs = runtime._runtimes_of(model)
+    for rt in graphs:
+        rt.end_step()
+    return len(graphs)
 
 
 def begin_generation(model, num_steps: int) -> int:

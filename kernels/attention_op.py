@@ -52,6 +52,9 @@ def attention_selection_counts(num_keys: int, num_static: int, options) -> tuple
 def choose_plan(rt, flags) -> str:
     if rt.options.mode == "dense":
         return "dense"
+    if rt.cache_slot is None:
+        runtime.no_cache_slot(rt)
+        return "dense"
     if rt.options.attention_dense_at(rt.step) or not flags.has_cache:
         if not flags.has_lse:
             return "dense_lse"
@@ -111,7 +114,7 @@ def _attention(plan: str, rt, q, k, v, o_cache, lse_cache, indices, key_bias, to
         return as_token_major(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                              enable_gqa=k.shape[1] != q.shape[1]))
 
-    opts, inv = rt.options, rt.invocation
+    opts, inv = rt.options, rt.cache_slot
     group = opts.attn_query_group
     dense_fn = implementation("dense_attention_lse_colmass", opts.kernels, q.device)
     delta_fn = implementation("sparse_attention_delta", opts.kernels, q.device)

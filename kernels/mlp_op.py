@@ -64,6 +64,9 @@ def choose_plan(rt, flags) -> str:
     opts = rt.options
     if opts.mode == "dense":
         return "dense"
+    if rt.cache_slot is None:
+        runtime.no_cache_slot(rt)
+        return "dense"
     if opts.mlp_dense_at(rt.step) or not flags.has_cache:
         return "dense_fill"
     if opts.mlp_refresh_at(rt.step) or not flags.has_indices:
@@ -114,7 +117,7 @@ def _mlp(plan: str, rt, flags, x, w_gate, b_gate, w_up, b_up, w2, b2, y_cache, a
     out_shape = (*x.shape[:-1], w2.shape[0])
     if plan == "dense":
         return F.linear(hidden_units(x, w_gate, b_gate, w_up, b_up, activation), w2, b2)
-    opts, inv = rt.options, rt.invocation
+    opts, inv = rt.options, rt.cache_slot
     xb = as_token_batches(x)
     if plan == "dense_fill":
         # Computed unit-major (a^T = act(W x^T + b)), straight into the activation cache: no transposing copy.

@@ -407,6 +407,112 @@ def test_a_followed_model_called_more_often_per_step_than_configured_warns(calls
     assert len(messages) == (1 if warns else 0), messages
 
 
+def _cfg_generation(compiled, scheduler, make_inputs, seed, sizes=(8, 8), steps=6):
+    """A sampler with separate cond / uncond calls per step (sizes: their token grids; equal sizes share one
+    graph), guidance combined, the latents moved by ``scheduler.step``. Returns every call's output."""
+    scheduler.set_timesteps(steps)
+    x = {size: make_inputs(seed=seed, size=size)["x"] for size in set(sizes)}
+    outs = []
+    for t in scheduler.timesteps:
+        preds = [compiled(x=x[size] + 0.01 * i, t=(t / 1000).expand(1)) for i, size in enumerate(sizes)]
+        outs.extend(preds)
+        for size, pred in zip(sizes, preds):
+            x[size] = x[size] - 0.05 * pred
+        scheduler.step(preds[0], t, x[sizes[0]])
+    return outs
+
+
+@torch.no_grad()
+def test_a_stepping_scheduler_gives_separate_cfg_calls_their_own_caches():
+    """follow_scheduler also follows scheduler.step: a model called twice per step (cond and uncond) with
+    invocations_per_step left at 1 gets one cache set per call from the second generation on, exactly as
+    invocations_per_step=2 does, and nothing warns."""
+    import types
+    import warnings
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    reference_model = copy.deepcopy(model)
+    compiled, scheduler = compile_chipmunk(model), FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(types.SimpleNamespace(scheduler=scheduler, transformer=compiled))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cfg_generation(compiled, scheduler, make_inputs, seed=0)
+        followed = _cfg_generation(compiled, scheduler, make_inputs, seed=1)
+    assert not [w for w in caught if "invocations_per_step" in str(w.message)]
+    reference = compile_chipmunk(reference_model, invocations_per_step=2, num_steps=6)
+    expected = _cfg_generation(reference, FlowMatchEulerDiscreteScheduler(), make_inputs, seed=1)
+    for i, (a, b) in enumerate(zip(followed, expected)):
+        assert rel_err(a, b) < 1e-6, i
+    eager = _cfg_generation(model, FlowMatchEulerDiscreteScheduler(), make_inputs, seed=1)
+    assert rel_err(followed[-1], eager[-1]) > 1e-5  # sparse steps ran
+    (info,) = chipmunk_compile.stats(model)
+    assert info["plans"]["attention:sparse"] > 0 and info["step"] == 0
+
+
+@torch.no_grad()
+def test_a_stepping_scheduler_with_one_call_per_step_changes_nothing():
+    """One call per step: the switch to counting by scheduler steps keeps the caches (the counting agreed), so
+    already the first generation equals a model compiled with the sampler's step count."""
+    import types
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    reference_model = copy.deepcopy(model)
+    compiled, scheduler = compile_chipmunk(model), FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(types.SimpleNamespace(scheduler=scheduler, transformer=compiled))
+    followed = _cfg_generation(compiled, scheduler, make_inputs, seed=0, sizes=(8,))
+    expected = _cfg_generation(compile_chipmunk(reference_model, num_steps=6), FlowMatchEulerDiscreteScheduler(),
+                               make_inputs, seed=0, sizes=(8,))
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(followed, expected))
+    assert chipmunk_compile.stats(model)[0]["plans"]["attention:sparse"] == 2 * 4  # 2 sites, steps 2..5
+
+
+@torch.no_grad()
+def test_a_stepping_scheduler_lets_cond_and_uncond_graphs_of_different_shapes_run_sparse():
+    """Cond / uncond calls of different shapes (QwenImage true CFG) compile two graphs that used to restart each
+    other from dense steps at every call; with the scheduler's steps followed each graph keeps its own steps and
+    equals a model that only ever sees its calls."""
+    import types
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    solo_models = [copy.deepcopy(model) for _ in range(2)]
+    compiled, scheduler = compile_chipmunk(model), FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(types.SimpleNamespace(scheduler=scheduler, transformer=compiled))
+    _cfg_generation(compiled, scheduler, make_inputs, seed=0, sizes=(8, 6))
+    both = _cfg_generation(compiled, scheduler, make_inputs, seed=1, sizes=(8, 6))
+    assert all(g["plans"].get("attention:sparse", 0) > 0 for g in chipmunk_compile.stats(model))
+    for index, size in enumerate((8, 6)):  # each graph alone: its calls of the same sampler run
+        solo = compile_chipmunk(solo_models[index], num_steps=6)
+        scheduler_alone = FlowMatchEulerDiscreteScheduler()
+        scheduler_alone.set_timesteps(6)
+        x = make_inputs(seed=1, size=size)["x"]
+        for step, t in enumerate(scheduler_alone.timesteps):
+            out = solo(x=x + 0.01 * index, t=(t / 1000).expand(1))
+            assert rel_err(out, both[2 * step + index]) < 1e-6, (size, step)
+            x = x - 0.05 * out
+
+
+@torch.no_grad()
+def test_under_cuda_graphs_extra_calls_per_step_run_dense_and_warn():
+    """With CUDA graphs every instance's caches have invocations_per_step slots: a stepped model called more often
+    per step runs the extra calls dense (exact) and says which setting fits."""
+    import types
+    import warnings
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    compiled, scheduler = compile_chipmunk(model, cudagraphs=True), FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(types.SimpleNamespace(scheduler=scheduler, transformer=compiled))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cfg_generation(compiled, scheduler, make_inputs, seed=0)
+        outs = _cfg_generation(compiled, scheduler, make_inputs, seed=1)
+    eager = _cfg_generation(model, FlowMatchEulerDiscreteScheduler(), make_inputs, seed=1)
+    messages = [str(w.message) for w in caught if "invocations_per_step=2" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert rel_err(outs[1], eager[1]) < 1e-5  # the uncond call of step 0 (dense anyway)
+    (info,) = chipmunk_compile.stats(model)
+    assert info["plans"]["attention:dense"] >= 5 and info["plans"]["attention:sparse"] > 0  # uncond calls dense
+
+
 @torch.no_grad()
 def test_two_graphs_of_one_model_alternating_mid_generation_warn_once():
     """Cond / uncond calls of different shapes (QwenImage true CFG: prompts of different lengths) compile two
