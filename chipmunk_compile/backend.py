@@ -456,6 +456,10 @@ def _caches_for(rt, cache_sets: list) -> tuple:
     set) on the invocation's first call."""
     if not rt.caches_per_invocation:
         return ()
+    if not rt.stepped and len(cache_sets) > rt.options.invocations_per_step:  # back to counting: extra sets go
+        for extra in cache_sets[rt.options.invocations_per_step:]:
+            rt.state_bytes -= sum(t.numel() * t.element_size() for t in extra)
+        del cache_sets[rt.options.invocations_per_step:]
     while len(cache_sets) <= rt.invocation:
         cache_sets.append(tuple(torch.zeros_like(t) for t in cache_sets[0]))
         rt.state_bytes += sum(t.numel() * t.element_size() for t in cache_sets[0])

@@ -64,6 +64,7 @@ class GraphRuntime:
         self.stepped = any(id(w) in _stepped for w in weights)
         self.steps_done = 0
         self.calls_in_step = 0
+        self.generation_calls = 0  # counted calls since the generation began (internal restarts do not clear it)
         # Caches passed per invocation (a graph shared by instances: one cache set per invocation, slot 0 in the
         # graph), else a leading invocation axis of invocations_per_step slots in the graph's buffers.
         self.caches_per_invocation = False
@@ -106,6 +107,7 @@ class GraphRuntime:
             self.calls_in_step += 1
             return
         self.calls += 1
+        self.generation_calls += 1
         if self.calls >= self.options.num_steps * self.options.invocations_per_step:
             self.overran, self.restarts = self.followed, 0
             self.reset()
@@ -116,7 +118,9 @@ class GraphRuntime:
         then step 1, its next call invocation 0."""
         if not self.stepped:
             self.stepped = True
-            if self.calls != self.options.invocations_per_step:  # not exactly the one step the scheduler ended
+            # Keep the caches only when the counting made exactly the one step the scheduler ended of this
+            # generation's calls (no restart or wrap in between).
+            if not self.calls == self.generation_calls == self.options.invocations_per_step:
                 self.reset()
             self.calls = 0
         self.steps_done += 1
@@ -157,6 +161,9 @@ class GraphRuntime:
 
 
 _ids = itertools.count(1)
+# Calls within one scheduler step beyond which a stepped runtime goes back to counting by calls (each invocation of
+# a step has its own cache set; CFG makes 2, rarely 3).
+MAX_STEPPED_INVOCATIONS = 3
 # The runtime id baked into a graph that module instances share: the ops then take the caller's runtime.
 CALLER = 0
 _caller = threading.local()
@@ -216,12 +223,20 @@ def _warn_once(rt: GraphRuntime, what: str, message: str) -> None:
 def no_cache_slot(rt: GraphRuntime) -> None:
     """Says once that a stepped model's extra calls per step run dense (their caches have no slot)."""
     _warn_once(rt, "no_slot", f"chipmunk: graph {rt.id} is called {rt.invocation + 1} times in one scheduler step, "
-               f"more than invocations_per_step={rt.options.invocations_per_step}; with CUDA graphs the caches have "
-               "that many slots per instance, so the extra calls run dense (exact, no speedup). Set "
+               f"more than invocations_per_step={rt.options.invocations_per_step}; with CUDA graphs each instance's "
+               "caches have that many slots, so the extra calls run dense (exact, no speedup). Set "
                f"invocations_per_step={rt.invocation + 1}.")
 
 
 def activate(rt: GraphRuntime) -> None:
+    if rt.stepped and rt.calls_in_step >= max(MAX_STEPPED_INVOCATIONS, rt.options.invocations_per_step):
+        # That many calls without a step of the followed scheduler: the model runs outside the followed sampler
+        # (another loop, a scheduler swapped in). Count by calls again instead of making a cache set per call.
+        _warn_once(rt, "unstepped", f"chipmunk: graph {rt.id} was called {rt.calls_in_step} times without a step "
+                   "of the followed scheduler; it counts steps by calls again (num_steps calls per generation, "
+                   "times the invocations option) until that scheduler steps.")
+        rt.stepped = False
+        rt.reset()
     if rt.stepped:  # steps come from the scheduler: graphs of one model may alternate (cond / uncond shapes)
         _active[rt.model_key] = rt.id
         return
@@ -306,4 +321,5 @@ def reset(model=None) -> int:
         runtimes = _runtimes_of(model)
         for rt in runtimes:
             rt.reset()
+            rt.generation_calls = 0
         return len(runtimes)

@@ -47,9 +47,11 @@ def follow_scheduler(pipe_or_scheduler, model=None) -> None:
     weights = runtime._module_tensors(model)  # also validates the model
     if not weights:
         raise ValueError("follow_scheduler: the model has no parameters or buffers to recognise it by")
-    model_ref = weakref.ref(getattr(model, "_orig_mod", model))
-    scheduler.set_timesteps = _FollowingSetTimesteps(scheduler, scheduler.set_timesteps, model_ref)
-    if callable(getattr(scheduler, "step", None)):
+    module = getattr(model, "_orig_mod", model)
+    model_ref = weakref.ref(module)
+    if not _already_follows(scheduler.set_timesteps, module):  # following twice must not count steps twice
+        scheduler.set_timesteps = _FollowingSetTimesteps(scheduler, scheduler.set_timesteps, model_ref)
+    if callable(getattr(scheduler, "step", None)) and not _already_follows(scheduler.step, module):
         scheduler.step = _FollowingStep(scheduler, scheduler.step, model_ref)
 
 
@@ -79,12 +81,20 @@ class _FollowingSetTimesteps:
 
 
 class _FollowingStep(_FollowingSetTimesteps):
-    """``scheduler.step`` that also ends the followed model's current step (the same deep-copy behaviour)."""
+    """``scheduler.step`` that also ends the followed model's current step (the same deep-copy behaviour). A step
+    call that leaves the scheduler's step_index where the previous one left it is a repeat of that step (Cosmos
+    steps twice per iteration and rewinds the index in between), not a new step."""
+
+    last_index = None
 
     def __call__(self, *args, **kwargs):
+        before = getattr(self.scheduler, "step_index", None)
         result = self.chipmunk_wrapped(*args, **kwargs)
+        after = getattr(self.scheduler, "step_index", None)
+        repeated = before is not None and after is not None and after == self.last_index
+        self.last_index = after
         target = self.model_ref()
-        if target is not None:
+        if target is not None and not repeated:
             end_step(target)
         return result
 
@@ -98,6 +108,15 @@ def end_step(model) -> int:
     for rt in graphs:
         rt.end_step()
     return len(graphs)
+
+
+def _already_follows(method, model) -> bool:
+    """Whether ``method`` (a scheduler's step or set_timesteps) is already a follower of ``model``."""
+    while isinstance(method, _FollowingSetTimesteps):
+        if method.model_ref() is model:
+            return True
+        method = method.chipmunk_wrapped
+    return False
 
 
 def begin_generation(model, num_steps: int) -> int:
@@ -114,5 +133,6 @@ def begin_generation(model, num_steps: int) -> int:
     for rt in graphs:
         rt.options = dataclasses.replace(rt.options, num_steps=num_steps)
         rt.reset()
+        rt.generation_calls = 0
         rt.followed, rt.overran, rt.restarts = True, False, 0
     return len(graphs)

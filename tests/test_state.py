@@ -467,6 +467,80 @@ def test_a_stepping_scheduler_with_one_call_per_step_changes_nothing():
 
 
 @torch.no_grad()
+def test_a_stepped_model_called_on_without_scheduler_steps_counts_by_calls_again():
+    """After a followed sampler, a loop that never steps the scheduler must not make a cache set per call: after
+    MAX_STEPPED_INVOCATIONS calls in one step the model counts steps by calls again (one warning)."""
+    import types
+    import warnings
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    compiled, scheduler = compile_chipmunk(model, num_steps=6), FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(types.SimpleNamespace(scheduler=scheduler, transformer=compiled))
+    _cfg_generation(compiled, scheduler, make_inputs, seed=0, sizes=(8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(6):
+            compiled(**make_inputs(step=step))
+    assert len([w for w in caught if "without a step of the followed scheduler" in str(w.message)]) == 1
+    first, rt = sorted(runtime._runtimes_of(model), key=lambda r: r.id)  # the loop's graph: its t has other strides
+    assert not rt.stepped and rt.step == 3  # 3 calls in step 0, then counted: calls 4-6 are steps 0-2
+    assert rt.state_bytes == first.state_bytes  # the extra cache sets of the 3 uncounted calls are gone
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["followed twice", "step repeated"])
+def test_a_step_is_counted_once(variant):
+    """follow_scheduler called twice for one model, or a sampler that calls scheduler.step twice per iteration and
+    rewinds its step_index in between (Cosmos), must not count a step twice: the generation equals a model compiled
+    with the sampler's step count."""
+    import types
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    reference_model = copy.deepcopy(model)
+    compiled, scheduler = compile_chipmunk(model), FlowMatchEulerDiscreteScheduler()
+    pipe = types.SimpleNamespace(scheduler=scheduler, transformer=compiled)
+    chipmunk_compile.follow_scheduler(pipe)
+    if variant == "followed twice":
+        chipmunk_compile.follow_scheduler(pipe)
+
+    def generation(fn, sched):
+        sched.set_timesteps(6)
+        x, outs = make_inputs(seed=0)["x"], []
+        for t in sched.timesteps:
+            outs.append(fn(x=x, t=(t / 1000).expand(1)))
+            if variant == "step repeated":
+                sched.step(outs[-1], t, x)
+                sched._step_index -= 1
+            x = sched.step(outs[-1], t, x).prev_sample
+        return outs
+
+    followed = generation(compiled, scheduler)
+    expected = generation(compile_chipmunk(reference_model, num_steps=6), FlowMatchEulerDiscreteScheduler())
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(followed, expected))
+
+
+@torch.no_grad()
+def test_the_first_scheduler_step_drops_caches_the_counting_mixed_up():
+    """Three calls per step on two graphs (cond on graph A, uncond on graph B, a third branch on A again) with
+    invocations_per_step=1: counted, the third call restarted A, so at the first scheduler step A has made exactly
+    one counted call, but of another branch. Its caches must go: A's cond call of step 1 is then dense (exact)."""
+    import types
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model, make_inputs = tiny_models.plain_dit()
+    compiled, scheduler = compile_chipmunk(model), FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(types.SimpleNamespace(scheduler=scheduler, transformer=compiled))
+    scheduler.set_timesteps(6)
+    x8, x6 = make_inputs(seed=0)["x"], make_inputs(seed=1, size=6)["x"]
+    for timestep in scheduler.timesteps[:2]:
+        t = (timestep / 1000).expand(1)
+        cond = compiled(x=x8, t=t)
+        compiled(x=x6, t=t)
+        compiled(x=x8.flip(1), t=t)
+        scheduler.step(cond, timestep, x8)
+    assert rel_err(cond, model(x=x8, t=t)) < 1e-5
+
+
+@torch.no_grad()
 def test_a_stepping_scheduler_lets_cond_and_uncond_graphs_of_different_shapes_run_sparse():
     """Cond / uncond calls of different shapes (QwenImage true CFG) compile two graphs that used to restart each
     other from dense steps at every call; with the scheduler's steps followed each graph keeps its own steps and
