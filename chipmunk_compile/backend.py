@@ -39,7 +39,7 @@ from chipmunk_compile.passes.rewrite_attention import rewrite_attention
 from chipmunk_compile.passes.rewrite_mlp import rewrite_mlp
 from chipmunk_compile.passes.sites import (GRAPH_BLOCK, Site, assign_layers, is_one_block_graph,
                                            mark_one_block_graph, repeated_containers, sibling_blocks_outside_lists)
-from chipmunk_compile.passes.state_buffers import state_bytes
+from chipmunk_compile.passes.state_buffers import state_bytes, tensors_nbytes
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -334,7 +334,7 @@ def _build(gm: fx.GraphModule, example_inputs, options: ChipmunkOptions, torch_m
         return plain(example_inputs), None, one_block, ()
 
     rt.site_records = [s.record() for s in sites]
-    rt.state_bytes = state_bytes(rewritten) + sum(t.numel() * t.element_size() for t in state)
+    rt.state_bytes = state_bytes(rewritten) + tensors_nbytes(state)
     if one_block:
         rt.block_layer = next(s.layer for s in sites if s.block == GRAPH_BLOCK)
     _report_sites(rt, sites, rewritten, count, one_block, options)
@@ -458,11 +458,11 @@ def _caches_for(rt, cache_sets: list) -> tuple:
         return ()
     if not rt.stepped and len(cache_sets) > rt.options.invocations_per_step:  # back to counting: extra sets go
         for extra in cache_sets[rt.options.invocations_per_step:]:
-            rt.state_bytes -= sum(t.numel() * t.element_size() for t in extra)
+            rt.state_bytes -= tensors_nbytes(extra)
         del cache_sets[rt.options.invocations_per_step:]
     while len(cache_sets) <= rt.invocation:
         cache_sets.append(tuple(torch.zeros_like(t) for t in cache_sets[0]))
-        rt.state_bytes += sum(t.numel() * t.element_size() for t in cache_sets[0])
+        rt.state_bytes += tensors_nbytes(cache_sets[0])
     return cache_sets[rt.invocation]
 
 

@@ -113,9 +113,10 @@ class GraphRuntime:
             self.reset()
 
     def end_step(self) -> None:
-        """The followed scheduler stepped. The first time (the generation ran counted so far) the caches are
-        dropped, since calls of one step may have been counted as steps and shared caches; the current step is
-        then step 1, its next call invocation 0."""
+        """The followed scheduler stepped. The first time (the generation ran counted so far), unless the counting
+        made exactly one step of this generation's calls, the caches are dropped: calls of one step were counted as
+        steps and shared caches. The current step is then step 1, its next call invocation 0. After num_steps
+        steps the next generation begins."""
         if not self.stepped:
             self.stepped = True
             # Keep the caches only when the counting made exactly the one step the scheduler ended of this
@@ -128,7 +129,11 @@ class GraphRuntime:
         if self.steps_done >= self.options.num_steps:  # the generation is over (as after num_steps counted steps)
             self.reset()
 
-    def reset(self) -> None:
+    def reset(self, new_generation: bool = False) -> None:
+        """Clears every cache flag and the step count. ``new_generation``: a generation begins (reset(model),
+        the scheduler's set_timesteps), as opposed to a restart inside one."""
+        if new_generation:
+            self.generation_calls = 0
         self.calls = self.steps_done = self.calls_in_step = 0
         for per_invocation in self.flags:
             for flags in per_invocation:
@@ -178,6 +183,8 @@ def calling(rt: GraphRuntime):
 
 def done_calling(previous) -> None:
     _caller.rt = previous
+
+
 # id(weight tensor) -> steps per generation, set by scheduler_sync.begin_generation for the graphs a model
 # compiles later; an entry goes with its tensor.
 _steps_override: dict[int, int] = {}
@@ -320,6 +327,5 @@ def reset(model=None) -> int:
     with _lock:
         runtimes = _runtimes_of(model)
         for rt in runtimes:
-            rt.reset()
-            rt.generation_calls = 0
+            rt.reset(new_generation=True)
         return len(runtimes)

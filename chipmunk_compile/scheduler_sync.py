@@ -132,7 +132,6 @@ def begin_generation(model, num_steps: int) -> int:
     graphs = runtime._runtimes_of(model)
     for rt in graphs:
         rt.options = dataclasses.replace(rt.options, num_steps=num_steps)
-        rt.reset()
-        rt.generation_calls = 0
+        rt.reset(new_generation=True)
         rt.followed, rt.overran, rt.restarts = True, False, 0
     return len(graphs)

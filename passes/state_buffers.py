@@ -27,5 +27,9 @@ def add_state_buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before
     return node
 
 
+def tensors_nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def state_bytes(gm: fx.GraphModule, prefix: str = "chipmunk_") -> int:
-    return sum(b.numel() * b.element_size() for n, b in gm.named_buffers() if n.startswith(prefix))
+    return tensors_nbytes(b for n, b in gm.named_buffers() if n.startswith(prefix))
